@@ -1,0 +1,1 @@
+"""benchmark of nnunet-moe (imports go downward only: training -> networks -> layers)."""

@@ -1,0 +1,128 @@
+"""``nnunet-moe demo``: from nothing to a trained and evaluated model on real data.
+
+Every step is the stock nnU-Net command, run as a subprocess with its output streamed
+(so progress is visible), in this order:
+
+1. write the bundled hippocampus MRI subset as ``$nnUNet_raw/Dataset501_Hippocampus``;
+2. ``nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres``;
+3. ``nnUNetv2_train 501 3d_fullres 0 -tr <trainer>`` with a short schedule;
+4. ``nnUNetv2_predict`` on the held-out cases (``imagesTs``);
+5. nnU-Net's own evaluation against ``labelsTs``: per-class Dice.
+
+Nothing is overwritten on a second run: an existing plan is reused, a finished training
+is reused (an interrupted one is continued with ``--c``), predictions go to a new folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from nnunet_moe.demo_dataset import write_demo_dataset
+from nnunet_moe.nnunet_paths import set_default_paths
+
+DEFAULT_TRAINER = "nnUNetTrainer_1epochs_150iters"
+DEFAULT_CONFIGURATION = "3d_fullres"
+
+
+def nnunet_command(name: str) -> str:
+    """Path of a stock nnU-Net console command of this environment."""
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    found = local if os.path.exists(local) else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"The nnU-Net command {name} was not found next to {sys.executable} nor on PATH; "
+                                f"is nnunetv2 installed in this environment (pip install 'nnunetv2>=2.8,<2.9')?")
+    return found
+
+
+def run_streamed(cmd: list, env: dict | None = None, log=print) -> None:
+    """Run a command, echoing its output live; a failure raises with the command line."""
+    log("$ " + " ".join(cmd))
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Command failed with exit code {proc.returncode}: {' '.join(cmd)}")
+
+
+def training_env(device: str) -> dict:
+    env = dict(os.environ)
+    if device == "cpu":
+        env.setdefault("nnUNet_compile", "f")  # torch.compile costs minutes on CPU and gains nothing here
+    return env
+
+
+def free_folder(path: str) -> str:
+    """``path`` if it does not exist yet, else ``path_2``, ``path_3``... (never reuse a user's folder)."""
+    candidate, i = path, 1
+    while os.path.exists(candidate):
+        i += 1
+        candidate = f"{path}_{i}"
+    return candidate
+
+
+def run_demo(work_dir: str = "nnunet_moe_demo", dataset_id: int = 501, dataset_name: str = "Hippocampus",
+             trainer: str = DEFAULT_TRAINER, configuration: str = DEFAULT_CONFIGURATION, fold: int = 0,
+             device: str = "cpu", num_test: int = 10, num_train: int | None = None, log=print) -> dict:
+    t0 = time.time()
+    for var, value in set_default_paths(work_dir):
+        log(f"{var} was not set; using {value}")
+    log(f"[1/5] Demo dataset (bundled real MRI, CC BY-SA 4.0: MSD Hippocampus)")
+    ds = write_demo_dataset(dataset_id, dataset_name, num_test=num_test, num_train=num_train, log=log)
+
+    pre = os.path.join(os.environ["nnUNet_preprocessed"], ds.name)
+    plans_file = os.path.join(pre, "nnUNetPlans.json")
+    log(f"[2/5] nnU-Net planning and preprocessing ({configuration})")
+    plans_ready = os.path.isfile(plans_file) and os.path.isdir(os.path.join(pre, f"nnUNetPlans_{configuration}"))
+    if plans_ready:
+        log(f"Reusing the existing plans and preprocessed data in {pre}")
+    else:
+        env = dict(os.environ)
+        env.pop("nnUNet_n_proc_DA", None)  # 0 breaks nnU-Net 2.8.1's planning (torch.set_num_threads(0))
+        run_streamed([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration,
+                      "-np", "2", "--verify_dataset_integrity"], env=env, log=log)
+
+    output_folder = os.path.join(os.environ["nnUNet_results"], ds.name, f"{trainer}__nnUNetPlans__{configuration}",
+                                 f"fold_{fold}")
+    log(f"[3/5] Training {trainer} ({configuration}, fold {fold}, device {device})")
+    train_cmd = [nnunet_command("nnUNetv2_train"), str(dataset_id), configuration, str(fold), "-tr", trainer,
+                 "-device", device]
+    if os.path.isfile(os.path.join(output_folder, "checkpoint_final.pth")):
+        log(f"Reusing the finished training in {output_folder}")
+    else:
+        if os.path.isfile(os.path.join(output_folder, "checkpoint_latest.pth")):
+            log(f"Continuing the interrupted training in {output_folder} (--c)")
+            train_cmd.append("--c")
+        run_streamed(train_cmd, env=training_env(device), log=log)
+
+    pred_folder = free_folder(os.path.join(os.path.dirname(output_folder), f"demo_predictions_fold{fold}"))
+    log(f"[4/5] Predicting the {len(ds.test_cases)} held-out cases into {pred_folder}")
+    run_streamed([nnunet_command("nnUNetv2_predict"), "-i", ds.images_ts, "-o", pred_folder, "-d", str(dataset_id),
+                  "-c", configuration, "-f", str(fold), "-tr", trainer, "-device", device, "-npp", "1", "-nps", "1"],
+                 env=training_env(device), log=log)
+
+    log("[5/5] Evaluating against the held-out labels (nnU-Net's evaluation)")
+    summary = evaluate_folder(ds.labels_ts, pred_folder, plans_file, os.path.join(pre, "dataset.json"))
+    minutes = (time.time() - t0) / 60
+    per_class = {int(k): v["Dice"] for k, v in summary["mean"].items()}
+    names = {v: k for k, v in json.load(open(os.path.join(pre, "dataset.json")))["labels"].items()}
+    log("")
+    log(f"Held-out Dice ({len(ds.test_cases)} cases, {trainer}, {configuration}, fold {fold}):")
+    for label, dice in sorted(per_class.items()):
+        log(f"  {label} {names.get(label, '?'):<12} {dice:.3f}")
+    log(f"  mean           {summary['foreground_mean']['Dice']:.3f}")
+    log(f"Model and training log:  {output_folder}")
+    log(f"Predictions:             {pred_folder}")
+    log(f"Metrics (nnU-Net json):  {os.path.join(pred_folder, 'summary.json')}")
+    log(f"Total time: {minutes:.1f} min")
+    return {"dice": per_class, "mean_dice": summary["foreground_mean"]["Dice"], "output_folder": output_folder,
+            "predictions": pred_folder, "minutes": minutes, "dataset": ds}
+
+
+def evaluate_folder(labels_folder: str, pred_folder: str, plans_file: str, dataset_json_file: str) -> dict:
+    """nnU-Net's stock evaluation (writes ``summary.json`` into ``pred_folder``)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
+
+    return compute_metrics_on_folder2(labels_folder, pred_folder, dataset_json_file, plans_file,
+                                      os.path.join(pred_folder, "summary.json"), num_processes=1)

@@ -1,0 +1,1 @@
+"""inference of nnunet-moe (imports go downward only: training -> networks -> layers)."""

@@ -1,0 +1,1 @@
+"""layers of nnunet-moe (imports go downward only: training -> networks -> layers)."""

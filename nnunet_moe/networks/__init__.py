@@ -1,0 +1,1 @@
+"""networks of nnunet-moe (imports go downward only: training -> networks -> layers)."""

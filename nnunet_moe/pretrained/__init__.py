@@ -1,0 +1,1 @@
+"""pretrained of nnunet-moe (imports go downward only: training -> networks -> layers)."""

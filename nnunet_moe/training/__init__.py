@@ -1,0 +1,1 @@
+"""training of nnunet-moe (imports go downward only: training -> networks -> layers)."""

@@ -1,0 +1,96 @@
+"""Short schedules for any trainer, by name: ``<Trainer>_<E>epochs[_<I>iters]``.
+
+nnU-Net's default (1000 epochs x 250 iterations) is out of reach on a CPU. nnU-Net itself
+ships fixed classes such as ``nnUNetTrainer_5epochs``; here the same idea is generalised
+so that no code is needed per trainer. Asking nnU-Net for
+
+    nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainerSwinSMT_5epochs_20iters
+
+creates (on first attribute access of this module) a subclass of ``nnUNetTrainerSwinSMT``
+that trains 5 epochs of 20 iterations with ``max(1, 20 // 5)`` validation iterations per
+epoch. ``_<I>iters`` is optional (then nnU-Net's 250/50 iterations stay). The base may be
+any of our trainers or any trainer shipped with nnU-Net (``nnUNetTrainer_3epochs_10iters``).
+Everything else - optimiser, learning-rate schedule (it decays over the shorter run),
+augmentation, loss - is the base trainer's.
+
+The classes live in this module (``__module__``/``__qualname__`` point here and the
+module-level ``__getattr__`` recreates them on demand), so they pickle, survive
+``mp.spawn`` and are found again when a checkpoint is loaded in a new process. Results
+go to their own folder (nnU-Net names it after the trainer), so a short run never mixes
+with a full one.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+_NAME = re.compile(r"^(?P<base>\w+?)_(?P<epochs>\d+)epochs?(?:_(?P<iters>\d+)iters?)?$")
+_CACHE: dict = {}
+
+
+def parse_short_name(name: str):
+    """``'X_5epochs_20iters'`` -> ``('X', 5, 20)``; ``'X_5epochs'`` -> ``('X', 5, None)``; else None."""
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    epochs = int(m.group("epochs"))
+    iters = int(m.group("iters")) if m.group("iters") else None
+    if epochs < 1 or (iters is not None and iters < 1):
+        raise ValueError(f"Trainer name {name!r}: epochs and iterations must be >= 1.")
+    return m.group("base"), epochs, iters
+
+
+def resolve_base_trainer(name: str):
+    """A trainer class by name: ours first, then nnU-Net's own trainers (never the external folders)."""
+    from nnunet_moe.training.catalog import our_trainer_class
+
+    cls = our_trainer_class(name)
+    if cls is not None:
+        return cls
+    from os.path import join
+
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    return recursive_find_python_class(
+        join(nnunetv2.__path__[0], "training", "nnUNetTrainer"), name, "nnunetv2.training.nnUNetTrainer"
+    )
+
+
+def short_schedule_trainer(base, epochs: int, iters: int | None = None):
+    """Subclass of ``base`` with ``epochs`` epochs of ``iters`` iterations (``None``: base's)."""
+    name = f"{base.__name__}_{epochs}epochs" + (f"_{iters}iters" if iters is not None else "")
+    if name in _CACHE:
+        return _CACHE[name]
+
+    # nnU-Net records the constructor's arguments by name (for checkpoints), so the
+    # signature must be exactly nnU-Net's.
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = epochs
+        if iters is not None:
+            self.num_iterations_per_epoch = iters
+            self.num_val_iterations_per_epoch = max(1, iters // 5)
+
+    cls = type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
+                               "__doc__": f"{base.__name__} with a short schedule: {epochs} epochs"
+                                          + (f" of {iters} iterations." if iters else ".")})
+    _CACHE[name] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    parsed = parse_short_name(name) if not name.startswith("__") else None
+    if parsed is None:
+        raise AttributeError(name)
+    base_name, epochs, iters = parsed
+    base = resolve_base_trainer(base_name)
+    if base is None:
+        raise AttributeError(name)
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    if not issubclass(base, nnUNetTrainer):
+        raise AttributeError(name)
+    return short_schedule_trainer(base, epochs, iters)

@@ -1,0 +1,91 @@
+"""Shared fixtures: the real-data nnU-Net pipeline, run once per session.
+
+The end-to-end fixture writes the bundled hippocampus MRI subset as an nnU-Net raw dataset
+into a temporary folder, and runs the stock ``nnUNetv2_plan_and_preprocess`` once; every
+end-to-end test then trains/predicts with stock commands on that same preprocessed data.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+
+
+def nnunet_cmd(name: str) -> str:
+    return os.path.join(BIN, name)
+
+
+def run(cmd: list, env: dict, timeout: int = 1800, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run a stock command; on failure show its output tail in the assertion message."""
+    proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def nnunet_env(tmp_path_factory):
+    """Environment with nnU-Net's folders in a temp dir and the demo dataset planned + preprocessed."""
+    from nnunet_moe.demo_dataset import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("nnunet")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(root / var)
+        os.makedirs(env[var])
+    old = {k: os.environ.get(k) for k in ("nnUNet_raw",)}
+    os.environ["nnUNet_raw"] = env["nnUNet_raw"]
+    try:
+        # 24 training cases keep nnU-Net's fold-0 validation short (5 cases); the 10 held-out
+        # cases are predicted with nnUNetv2_predict.
+        ds = write_demo_dataset(501, "Hippocampus", num_test=10, num_train=24, log=lambda *a: None)
+    finally:
+        if old["nnUNet_raw"] is None:
+            os.environ.pop("nnUNet_raw")
+        else:
+            os.environ["nnUNet_raw"] = old["nnUNet_raw"]
+    run([nnunet_cmd("nnUNetv2_plan_and_preprocess"), "-d", "501", "-c", "3d_fullres", "2d", "-np", "2",
+         "--verify_dataset_integrity"], env=env)
+    train_env = dict(env, nnUNet_compile="f", nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
+    return {"env": env, "train_env": train_env, "dataset": ds, "root": root}
+
+
+def train_and_predict(nnunet_env: dict, trainer: str, configuration: str = "3d_fullres", fold: int = 0,
+                      extra_train_args: tuple = ()) -> dict:
+    """Stock ``nnUNetv2_train`` then ``nnUNetv2_predict`` on the 10 held-out cases, then nnU-Net's evaluation.
+
+    Returns the paths and nnU-Net's evaluation summary (per-class and mean Dice).
+    """
+    from nnunet_moe.demo import evaluate_folder
+
+    env, ds = nnunet_env["train_env"], nnunet_env["dataset"]
+    train = run([nnunet_cmd("nnUNetv2_train"), "501", configuration, str(fold), "-tr", trainer, "-device", "cpu",
+                 *extra_train_args], env=env)
+    model_dir = os.path.join(env["nnUNet_results"], ds.name, f"{trainer}__nnUNetPlans__{configuration}")
+    out = os.path.join(str(nnunet_env["root"]), f"pred_{trainer}_{configuration}")
+    predict = run([nnunet_cmd("nnUNetv2_predict"), "-i", ds.images_ts, "-o", out, "-d", "501", "-c", configuration,
+                   "-f", str(fold), "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env=env)
+    pre = os.path.join(env["nnUNet_preprocessed"], ds.name)
+    summary = evaluate_folder(ds.labels_ts, out, os.path.join(pre, "nnUNetPlans.json"),
+                              os.path.join(pre, "dataset.json"))
+    return {"model_dir": model_dir, "pred_dir": out, "summary": summary, "train_log": train.stdout,
+            "predict_log": predict.stdout}
+
+
+def assert_same_geometry(pred_dir: str, images_dir: str, cases: list) -> None:
+    """Every held-out case has a prediction with the input image's size, spacing, origin and direction."""
+    import SimpleITK as sitk
+
+    for case in cases:
+        img = sitk.ReadImage(os.path.join(images_dir, f"{case}_0000.nii.gz"))
+        seg = sitk.ReadImage(os.path.join(pred_dir, f"{case}.nii.gz"))
+        assert seg.GetSize() == img.GetSize(), case
+        assert seg.GetSpacing() == pytest.approx(img.GetSpacing()), case
+        assert seg.GetOrigin() == pytest.approx(img.GetOrigin()), case
+        assert seg.GetDirection() == pytest.approx(img.GetDirection()), case
+        values = set(sitk.GetArrayViewFromImage(seg).ravel().tolist())
+        assert values <= {0, 1, 2}, (case, values)
