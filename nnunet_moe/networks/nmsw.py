@@ -1,0 +1,437 @@
+"""NMSW-Net ("No More Sliding Window"): learned top-K patch selection instead of sliding-window inference.
+
+Reference
+---------
+Jeon, Yang, Fu, Feng, "No More Sliding Window: Efficient 3D Medical Image Segmentation with
+Differentiable Top-k Patch Sampling" (NMSW-Net). A global network segments the whole volume at low
+resolution; an objectness head scores every candidate patch; K patches are picked with a
+differentiable Gumbel top-K; a local network segments only those patches at full resolution; an
+aggregation block fuses the upsampled global logits with the Gaussian-weighted patch logits.
+
+API (for the trainer / predictor integration)
+---------------------------------------------
+``NMSWNet(global_net, local_net, num_classes, in_channels, patch_size, global_input_size, k_train=3,
+k_random=1, k_infer=5, tau=2/3, overlap=0.5, blend="learned", ...)``
+
+- ``global_net`` / ``local_net``: any ``nn.Module`` mapping ``(N, in_channels, *shape)`` to
+  ``(N, num_classes, *shape)`` logits. If a net returns a list/tuple (deep supervision), element 0
+  (the full-resolution output, nnU-Net's convention) is used; build them with deep supervision
+  off to save compute. ``global_net`` must accept ``global_input_size``; ``local_net`` the patch.
+- ``model(x_high, x_low=None, k=None, k_random=None) -> NMSWOutput`` (training and validation):
+  ``x_high (B, C_in, *S)`` full-resolution volumes (any ``S``; axes smaller than the patch are
+  zero-padded like nnU-Net's ``pad_nd_image`` and the padding is removed from every full-size
+  output), ``x_low (B, C_in, *global_input_size)`` the downsampled whole volume (computed from
+  ``x_high`` by (bi/tri)linear resizing when omitted). In ``train()`` mode: Gumbel top-``k_train``
+  + ``k_random`` uniform cells; in ``eval()``: deterministic top-``k_infer`` (fixed K for the batch,
+  clamped to the grid), no noise unless ``noise_at_eval=True``.
+- ``model.predict(volume) -> logits``: inference without any sliding window. ``volume`` is
+  ``(C_in, *S)`` (nnU-Net's ``predict_sliding_window_return_logits`` input; output ``(C, *S)``) or
+  ``(B, C_in, *S)``. Deterministic top-K per volume with ``K = min(k_infer, G, number of cells
+  whose global prediction contains foreground)`` when ``infer_only_foreground`` and
+  ``mask_background`` are True (the defaults: a cell the global net calls pure background is not
+  worth a local pass; otherwise ``K = min(k_infer, G)``, silently clamped); a volume with no
+  foreground cell gets the upsampled global logits. Every voxel is finite. Restores train/eval mode.
+- ``NMSWOutput`` fields (full-size = unpadded ``S``; "padded" = after ``pad_to_patch_size``):
+  ``logits (B, C, *S)`` aggregated; ``global_logits (B, C, *S)`` upsampled global;
+  ``global_logits_low (B, C, *global_input_size)``; ``local_logits (B, K, C, *patch)``;
+  ``patch_slices`` B lists of K tuples of spatial slices in *padded* coordinates;
+  ``cell_indices (B, K)``; ``is_random (K,)``; ``selection (B, K, G)`` straight-through one-hots;
+  ``objectness (B, G)`` masked objectness logits; ``selection_probs (B, G) = softmax(objectness)``;
+  ``foreground_cells (B, G)`` bool; ``grid`` (:class:`PatchGrid` of the padded volume);
+  ``pad_slicer`` spatial slices removing the padding.
+- Targets for the three losses: ``model.crop_patches(seg, out.cell_indices)`` -> ``(B, K, C', *patch)``
+  (same padding and grid), ``model.resize_to_global(seg, is_label=True)`` -> nearest-neighbour
+  ``(B, C', *global_input_size)``; ``out.logits`` / ``out.global_logits`` match the full-size ``seg``.
+- ``selection_entropy(out.objectness)``: mean entropy (nats) of the selection distribution; the
+  paper's loss is ``Dice+CE(high) + Dice+CE(low) + mean_k Dice+CE(patch_k) - lambda * H`` with
+  ``lambda = 1e-4`` (``ENTROPY_WEIGHT``; subtracting rewards exploration).
+- ``build_default_nmsw_from_plans(plans_manager, configuration_manager, dataset_json, ...)``: both
+  nets from the plans' architecture via ``get_network_from_plans(..., deep_supervision=False)``;
+  ``global_input_size`` defaults to the plans' patch size (the whole volume is resized to the patch
+  the architecture was planned for).
+
+Objectness head (deviation, documented): the paper scores patches from the global backbone's
+penultimate features. Features are not generically reachable for an arbitrary ``global_net`` (a
+forward hook would tie the code to one architecture), so a small conv head (two 3x3 convs + 1x1)
+reads the softmax of the global logits concatenated with ``x_low``; gradients reach the global net
+through it. Its dense score map is averaged over each cell's exact footprint on the global grid
+(summed-area table, :func:`box_sums`) -- overlapping patches get overlapping footprints, which
+adaptive pooling to the grid shape would not reproduce. Cells whose footprint contains no
+foreground in ``argmax(global_logits_low)`` get ``-background_penalty`` (1e4, not ``-inf``, so the
+softmax and entropy stay finite). This assumes softmax outputs with background at channel 0; use
+``mask_background=False`` for region-based (sigmoid) label sets.
+
+Straight-through crops: each crop is multiplied by its selection weight (exactly 1.0 forward,
+soft-selection gradient backward), so the loss reaches the objectness scores. Only the chosen cell's
+entry of the relaxed one-hot gets the crop gradient (the paper's inner product ``<z, X_patch>`` over
+all N candidate patches would need every patch cropped); the softmax spreads it to all cells.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_moe.layers.gumbel_topk import GumbelTopK, TopKSelection, gumbel_topk
+from nnunet_moe.layers.patch_aggregation import PatchAggregation
+from nnunet_moe.layers.patch_grid import PatchGrid, box_sums, pad_to_patch_size
+
+__all__ = ["NMSWNet", "NMSWOutput", "ObjectnessHead", "selection_entropy", "build_default_nmsw_from_plans",
+           "ENTROPY_WEIGHT", "first_output"]
+
+ENTROPY_WEIGHT = 1e-4  # paper (the authors' code uses 1e-5)
+
+SpatialSlices = Tuple[slice, ...]
+
+
+class NMSWOutput(NamedTuple):
+    logits: torch.Tensor
+    global_logits: torch.Tensor
+    global_logits_low: torch.Tensor
+    local_logits: torch.Tensor
+    patch_slices: List[List[SpatialSlices]]
+    cell_indices: torch.Tensor
+    is_random: torch.Tensor
+    selection: torch.Tensor
+    objectness: torch.Tensor
+    selection_probs: torch.Tensor
+    foreground_cells: torch.Tensor
+    grid: PatchGrid
+    pad_slicer: SpatialSlices
+
+
+class _GlobalStage(NamedTuple):
+    x_padded: torch.Tensor
+    pad_slicer: SpatialSlices
+    global_low: torch.Tensor
+    global_full: torch.Tensor
+    global_padded: torch.Tensor
+    grid: PatchGrid
+    objectness: torch.Tensor
+    foreground_cells: torch.Tensor
+
+
+def first_output(output):
+    """Full-resolution output of a network that may return a deep-supervision list/tuple."""
+    if isinstance(output, (list, tuple)):
+        if len(output) == 0:
+            raise ValueError("network returned an empty list/tuple of outputs")
+        return output[0]
+    return output
+
+
+def selection_entropy(objectness: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the entropy (nats) of ``softmax(objectness)``, ``objectness (B, G)``.
+
+    Computed from ``log_softmax`` so masked cells (probability ~0) contribute 0 with finite gradients.
+    """
+    if objectness.ndim != 2:
+        raise ValueError(f"objectness must have shape (B, G), got {tuple(objectness.shape)}")
+    log_p = torch.log_softmax(objectness, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1).mean()
+
+
+def _linear_mode(ndim: int) -> str:
+    return {1: "linear", 2: "bilinear", 3: "trilinear"}[ndim]
+
+
+def _conv_op(ndim: int):
+    return {2: nn.Conv2d, 3: nn.Conv3d}[ndim]
+
+
+class ObjectnessHead(nn.Module):
+    """Dense objectness map from the global prediction: ``(softmax(global_logits), x_low) -> (B, 1, *g)``.
+
+    Conv(3) - LeakyReLU - Conv(3) - LeakyReLU - Conv(1). No normalisation, so it also works on tiny
+    global grids (instance norm needs more than one voxel).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, ndim: int = 3, hidden: int = 16) -> None:
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ValueError(f"ObjectnessHead supports 2 or 3 spatial axes, got ndim={ndim}")
+        if hidden <= 0:
+            raise ValueError(f"hidden must be positive, got {hidden}")
+        conv = _conv_op(ndim)
+        self.layers = nn.Sequential(
+            conv(num_classes + in_channels, hidden, 3, padding=1), nn.LeakyReLU(0.01),
+            conv(hidden, hidden, 3, padding=1), nn.LeakyReLU(0.01),
+            conv(hidden, 1, 1))
+
+    def forward(self, global_logits_low: torch.Tensor, x_low: torch.Tensor) -> torch.Tensor:
+        return self.layers(torch.cat([torch.softmax(global_logits_low, dim=1), x_low.to(global_logits_low.dtype)],
+                                     dim=1))
+
+
+class NMSWNet(nn.Module):
+    """NMSW-Net wrapper around a global and a local segmentation network (see module docstring).
+
+    Parameters
+    ----------
+    global_net, local_net: segmentation networks (``(N, in_channels, *shape) -> (N, num_classes, *shape)``).
+    num_classes: output channels of both nets.
+    in_channels: image channels (the objectness head reads them too).
+    patch_size: local patch (= grid cell) shape.
+    global_input_size: fixed shape the whole volume is resized to for ``global_net``.
+    k_train, k_random: top cells and uniform extra cells per volume in training (paper: 3 + 1).
+    k_infer: top cells at inference (paper: 5 or 30).
+    tau: Gumbel-softmax temperature (authors' code: 2/3).
+    overlap: patch-grid overlap (0.5 = nnU-Net's ``tile_step_size`` 0.5; step = 1 - overlap).
+    blend, init_global_weight: see :class:`PatchAggregation` (``blend="local"`` + all cells =
+        nnU-Net's sliding window).
+    mask_background: offset the objectness of cells that the global prediction calls all background.
+    background_penalty: size of that offset (subtracted; finite on purpose).
+    infer_only_foreground: in :meth:`predict`, never run more local passes than foreground cells.
+    noise_at_eval: add Gumbel noise in eval mode (the authors' code does; default deterministic).
+    straight_through: ``"standard"`` or ``"scaled"`` (paper's ``hard * soft``), see ``gumbel_topk``.
+    objectness_hidden: channels of the objectness head.
+    """
+
+    def __init__(self, global_net: nn.Module, local_net: nn.Module, num_classes: int, in_channels: int,
+                 patch_size: Sequence[int], global_input_size: Sequence[int], k_train: int = 3, k_random: int = 1,
+                 k_infer: int = 5, tau: float = 2.0 / 3.0, overlap: float = 0.5, blend: str = "learned",
+                 init_global_weight: float = 0.5, mask_background: bool = True, background_penalty: float = 1e4,
+                 infer_only_foreground: bool = True, noise_at_eval: bool = False,
+                 straight_through: str = "standard", objectness_hidden: int = 16) -> None:
+        super().__init__()
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.global_input_size = tuple(int(s) for s in global_input_size)
+        ndim = len(self.patch_size)
+        if ndim not in (2, 3):
+            raise ValueError(f"patch_size must have 2 or 3 spatial axes, got {self.patch_size}")
+        if len(self.global_input_size) != ndim:
+            raise ValueError(f"global_input_size {self.global_input_size} must have as many axes as patch_size "
+                             f"{self.patch_size}")
+        if any(p <= 0 for p in self.patch_size) or any(s <= 0 for s in self.global_input_size):
+            raise ValueError(f"patch_size {self.patch_size} and global_input_size {self.global_input_size} must be "
+                             f"positive")
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if int(in_channels) != in_channels or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+        if not 0.0 <= float(overlap) < 1.0:
+            raise ValueError(f"overlap must lie in [0, 1), got {overlap!r} (step size = 1 - overlap)")
+        if int(k_infer) != k_infer or k_infer <= 0:
+            raise ValueError(f"k_infer must be a positive integer, got {k_infer!r}")
+        if not float(background_penalty) >= 0:
+            raise ValueError(f"background_penalty must be >= 0, got {background_penalty!r}")
+        self.global_net = global_net
+        self.local_net = local_net
+        self.num_classes = int(num_classes)
+        self.in_channels = int(in_channels)
+        self.ndim = ndim
+        self.overlap = float(overlap)
+        self.step_size = 1.0 - self.overlap
+        self.mask_background = bool(mask_background)
+        self.background_penalty = float(background_penalty)
+        self.infer_only_foreground = bool(infer_only_foreground)
+        self.objectness_head = ObjectnessHead(self.num_classes, self.in_channels, ndim, objectness_hidden)
+        self.topk = GumbelTopK(k_train, k_random, tau, k_eval=k_infer, noise_at_eval=noise_at_eval,
+                               straight_through=straight_through)
+        self.aggregation = PatchAggregation(self.num_classes, self.patch_size, blend=blend,
+                                            init_global_weight=init_global_weight)
+        self._grid_cache: Dict[Tuple, Tuple[PatchGrid, np.ndarray]] = {}
+
+    @property
+    def k_infer(self) -> int:
+        return self.topk.k_eval
+
+    def extra_repr(self) -> str:
+        return (f"patch_size={self.patch_size}, global_input_size={self.global_input_size}, "
+                f"overlap={self.overlap}, mask_background={self.mask_background}, "
+                f"infer_only_foreground={self.infer_only_foreground}")
+
+    # ------------------------------------------------------------------ helpers
+    def _resize(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        if tuple(x.shape[2:]) == tuple(size):
+            return x
+        return F.interpolate(x, size=tuple(size), mode=_linear_mode(self.ndim), align_corners=False)
+
+    def resize_to_global(self, tensor: torch.Tensor, is_label: bool = False) -> torch.Tensor:
+        """Resize ``(B, C, *S)`` to ``global_input_size`` (linear for images, nearest for labels)."""
+        self._check_volume(tensor, check_channels=False)
+        if is_label:
+            return F.interpolate(tensor.float(), size=self.global_input_size, mode="nearest").to(tensor.dtype)
+        return self._resize(tensor, self.global_input_size)
+
+    def _check_volume(self, x: torch.Tensor, check_channels: bool = True) -> None:
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 + self.ndim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)
+            raise ValueError(f"expected a tensor of shape (B, C, *spatial) with {self.ndim} spatial axes, "
+                             f"got {shape}")
+        if check_channels and x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]} (shape "
+                             f"{tuple(x.shape)})")
+
+    def _grid_and_boxes(self, padded: Tuple[int, ...], pad_slicer: SpatialSlices,
+                        spatial: Tuple[int, ...]) -> Tuple[PatchGrid, np.ndarray]:
+        key = (padded, spatial)
+        if key not in self._grid_cache:
+            grid = PatchGrid(padded, self.patch_size, self.step_size)
+            boxes = grid.cell_boxes([s.start for s in pad_slicer], spatial, self.global_input_size)
+            if len(self._grid_cache) > 64:  # volumes of many shapes: keep the cache bounded
+                self._grid_cache.clear()
+            self._grid_cache[key] = (grid, boxes)
+        return self._grid_cache[key]
+
+    def crop_patches(self, volume: torch.Tensor, cell_indices: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
+        """Crop the selected cells from ``volume (B, C', *S)`` (e.g. the segmentation target) with the
+        same padding and grid as the forward pass -> ``(B, K, C', *patch)``."""
+        self._check_volume(volume, check_channels=False)
+        padded, _ = pad_to_patch_size(volume, self.patch_size, pad_value)
+        grid = PatchGrid(padded.shape[2:], self.patch_size, self.step_size)
+        if cell_indices.ndim != 2 or cell_indices.shape[0] != volume.shape[0]:
+            raise ValueError(f"cell_indices must have shape (B={volume.shape[0]}, K), got "
+                             f"{tuple(cell_indices.shape)}")
+        crops = [torch.stack([padded[(b, slice(None), *grid.cell_slices(i))] for i in row.tolist()])
+                 for b, row in enumerate(cell_indices)]
+        return torch.stack(crops)
+
+    # ------------------------------------------------------------------ stages
+    def _global_stage(self, x_high: torch.Tensor, x_low: Optional[torch.Tensor]) -> _GlobalStage:
+        self._check_volume(x_high)
+        batch = x_high.shape[0]
+        spatial = tuple(x_high.shape[2:])
+        if x_low is None:
+            x_low = self._resize(x_high, self.global_input_size)
+        elif tuple(x_low.shape) != (batch, self.in_channels, *self.global_input_size):
+            raise ValueError(f"x_low must have shape {(batch, self.in_channels, *self.global_input_size)} "
+                             f"(B, C_in, *global_input_size), got {tuple(x_low.shape)}")
+        global_low = first_output(self.global_net(x_low))
+        expected = (batch, self.num_classes, *self.global_input_size)
+        if tuple(global_low.shape) != expected:
+            raise ValueError(f"global_net returned shape {tuple(global_low.shape)}, expected {expected}")
+
+        global_full = self._resize(global_low, spatial)
+        x_padded, pad_slicer = pad_to_patch_size(x_high, self.patch_size)
+        global_padded, _ = pad_to_patch_size(global_full, self.patch_size)
+        grid, boxes = self._grid_and_boxes(tuple(x_padded.shape[2:]), pad_slicer, spatial)
+
+        # Objectness: mean of the dense score map over each cell's footprint on the global grid.
+        score_map = self.objectness_head(global_low, x_low)
+        box_volumes = torch.as_tensor(np.prod(boxes[..., 1] - boxes[..., 0], axis=-1), dtype=score_map.dtype,
+                                      device=score_map.device)
+        scores = box_sums(score_map, boxes)[:, 0] / box_volumes  # (B, G)
+        if self.mask_background:
+            foreground = (global_low.detach().argmax(1, keepdim=True) != 0).to(score_map.dtype)
+            foreground_cells = box_sums(foreground, boxes)[:, 0] > 0.5
+            scores = scores - self.background_penalty * (~foreground_cells).to(scores.dtype)
+        else:
+            foreground_cells = torch.ones_like(scores, dtype=torch.bool)
+        return _GlobalStage(x_padded, pad_slicer, global_low, global_full, global_padded, grid, scores,
+                            foreground_cells)
+
+    def _local_stage(self, stage: _GlobalStage, selection: TopKSelection) -> NMSWOutput:
+        batch, num_patches = selection.indices.shape
+        grid = stage.grid
+        # Forward value 1.0 (standard ST); backward carries the crop gradient to the scores.
+        weights = selection.selection.gather(2, selection.indices.unsqueeze(-1)).squeeze(-1)  # (B, K)
+        patch_slices = [[grid.cell_slices(i) for i in row.tolist()] for row in selection.indices]
+        crops = torch.stack([stage.x_padded[(b, slice(None), *patch_slices[b][k])] *
+                             weights[b, k].to(stage.x_padded.dtype)
+                             for b in range(batch) for k in range(num_patches)])
+        local = first_output(self.local_net(crops))
+        expected = (batch * num_patches, self.num_classes, *self.patch_size)
+        if tuple(local.shape) != expected:
+            raise ValueError(f"local_net returned shape {tuple(local.shape)}, expected {expected}")
+        local = local.reshape(batch, num_patches, self.num_classes, *self.patch_size)
+        aggregated = self.aggregation(stage.global_padded, local, patch_slices)
+        logits = aggregated[(slice(None), slice(None), *stage.pad_slicer)]
+        return NMSWOutput(logits=logits, global_logits=stage.global_full, global_logits_low=stage.global_low,
+                          local_logits=local, patch_slices=patch_slices, cell_indices=selection.indices,
+                          is_random=selection.is_random, selection=selection.selection,
+                          objectness=stage.objectness, selection_probs=torch.softmax(stage.objectness, dim=-1),
+                          foreground_cells=stage.foreground_cells, grid=grid, pad_slicer=stage.pad_slicer)
+
+    # ------------------------------------------------------------------ public
+    def forward(self, x_high: torch.Tensor, x_low: Optional[torch.Tensor] = None, k: Optional[int] = None,
+                k_random: Optional[int] = None) -> NMSWOutput:
+        stage = self._global_stage(x_high, x_low)
+        selection = self.topk(stage.objectness, k=k, k_random=k_random)
+        return self._local_stage(stage, selection)
+
+    @torch.no_grad()
+    def predict(self, volume: torch.Tensor, k: Optional[int] = None) -> torch.Tensor:
+        """Full-size logits for ``(C_in, *S)`` -> ``(C, *S)`` or ``(B, C_in, *S)`` -> ``(B, C, *S)``.
+
+        No sliding window: one global pass plus ``K`` local passes per volume (see module docstring).
+        """
+        single = isinstance(volume, torch.Tensor) and volume.ndim == 1 + self.ndim
+        batch_volume = volume[None] if single else volume
+        self._check_volume(batch_volume)
+        k = self.k_infer if k is None else k
+        if int(k) != k or k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            outputs = []
+            for b in range(batch_volume.shape[0]):
+                stage = self._global_stage(batch_volume[b:b + 1], None)
+                k_here = min(int(k), stage.grid.num_cells)
+                if self.infer_only_foreground and self.mask_background:
+                    k_here = min(k_here, int(stage.foreground_cells.sum()))
+                if k_here == 0:
+                    outputs.append(stage.global_full)
+                    continue
+                selection = gumbel_topk(stage.objectness, k_here, self.topk.tau, 0, self.topk.noise_at_eval,
+                                        self.topk.straight_through)
+                outputs.append(self._local_stage(stage, selection).logits)
+        finally:
+            self.train(was_training)
+        logits = torch.cat(outputs)
+        return logits[0] if single else logits
+
+
+def _stride_divisor(arch_kwargs: dict, ndim: int) -> Optional[Tuple[int, ...]]:
+    strides = arch_kwargs.get("strides")
+    if strides is None:
+        return None
+    total = np.ones(ndim, dtype=np.int64)
+    for s in strides:
+        s = [s] * ndim if isinstance(s, int) else list(s)
+        total *= np.asarray(s, dtype=np.int64)
+    return tuple(int(t) for t in total)
+
+
+def build_default_nmsw_from_plans(plans_manager, configuration_manager, dataset_json: dict,
+                                  global_input_size: Optional[Sequence[int]] = None, k_train: int = 3,
+                                  k_random: int = 1, k_infer: int = 5, tau: float = 2.0 / 3.0, overlap: float = 0.5,
+                                  **nmsw_kwargs) -> NMSWNet:
+    """NMSW-Net whose global and local nets are the plans' architecture (deep supervision off).
+
+    ``plans_manager``: ``nnunetv2`` ``PlansManager``; ``configuration_manager``: its
+    ``ConfigurationManager`` (e.g. ``plans_manager.get_configuration('3d_fullres')``). Both nets come
+    from ``get_network_from_plans(arch_class_name, arch_kwargs, arch_kwargs_req_import, input_channels,
+    output_channels, allow_init=True, deep_supervision=False)``; the patch is the plans' patch size and
+    ``global_input_size`` defaults to it (it must be divisible by the architecture's total stride).
+    Region-based label sets get ``mask_background=False`` unless given.
+    """
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    in_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    num_classes = label_manager.num_segmentation_heads
+    patch_size = tuple(int(p) for p in configuration_manager.patch_size)
+    global_input_size = patch_size if global_input_size is None else tuple(int(s) for s in global_input_size)
+    arch_kwargs = configuration_manager.network_arch_init_kwargs
+    divisor = _stride_divisor(arch_kwargs, len(patch_size))
+    if divisor is not None and len(global_input_size) == len(divisor) and \
+            any(s % d for s, d in zip(global_input_size, divisor)):
+        raise ValueError(f"global_input_size {global_input_size} must be divisible by the architecture's total "
+                         f"stride {divisor} per axis")
+    if label_manager.has_regions:
+        nmsw_kwargs.setdefault("mask_background", False)
+
+    def make_net() -> nn.Module:
+        return get_network_from_plans(configuration_manager.network_arch_class_name, arch_kwargs,
+                                      configuration_manager.network_arch_init_kwargs_req_import,
+                                      in_channels, num_classes, allow_init=True, deep_supervision=False)
+
+    return NMSWNet(make_net(), make_net(), num_classes=num_classes, in_channels=in_channels,
+                   patch_size=patch_size, global_input_size=global_input_size, k_train=k_train,
+                   k_random=k_random, k_infer=k_infer, tau=tau, overlap=overlap, **nmsw_kwargs)
