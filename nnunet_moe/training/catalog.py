@@ -22,6 +22,12 @@ class TrainerInfo:
 
 
 TRAINERS: tuple = (
+    TrainerInfo("nnUNetTrainerSwinSMT", "nnunet_moe.training.swin_smt_trainer",
+                "Swin SMT: SwinUNETR with Soft Mixture-of-Experts (Płotka et al., MICCAI 2024)",
+                ("3d_fullres", "2d", "3d_lowres")),
+    TrainerInfo("nnUNetTrainerNMSW", "nnunet_moe.training.nmsw_trainer",
+                "No More Sliding Window: differentiable top-K patch sampling (Jeon et al.)",
+                ("3d_fullres",)),
 )
 
 

@@ -1,0 +1,99 @@
+"""What every nnunet-moe trainer shares, as one nnU-Net trainer subclass.
+
+Subclasses set class attributes and implement ``build_network_architecture``; everything
+else (data, augmentation, loss, checkpoints, validation, prediction) is nnU-Net's.
+
+- ``paper`` / ``supported_configurations``: shown by ``nnunet-moe list``; another
+  configuration is refused with a clear error before anything is written.
+- ``input_divisor``: when set, the plans' patch size is replaced by
+  :func:`nnunet_moe.training.patch_size.valid_patch_size` (saved with the model, so
+  prediction uses it too).
+- ``deep_supervision_factors``: downsampling factor of each output the network returns
+  with deep supervision on (highest resolution first); the loss and the target
+  downsampling are built from it instead of from the plans' CNN pooling.
+- Optimiser: AdamW(``default_lr``, ``default_weight_decay``, ``adam_eps``) with linear
+  warm-up over ``warmup_fraction`` of the epochs and cosine decay, stepped per epoch.
+  nnU-Net's gradient clipping (norm 12) is kept.
+
+Our networks expose a ``deep_supervision`` attribute read in ``forward``;
+``set_deep_supervision_enabled`` sets it (nnU-Net turns it off for validation/inference).
+``build_network_architecture`` is a classmethod (nnU-Net calls it on the class with the
+same arguments as its static method), so variants can change class attributes only.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch._dynamo import OptimizedModule
+
+from nnunet_moe.training.lr_schedules import WarmupCosineLRScheduler
+from nnunet_moe.training.patch_size import valid_patch_size
+
+
+def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
+    """The plain module behind DDP and torch.compile wrappers."""
+    if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+class nnUNetMoETrainerBase(nnUNetTrainer):
+    paper: str = ""
+    supported_configurations: tuple = ("3d_fullres",)
+    input_divisor: int | None = None
+    deep_supervision_factors: tuple | None = None
+    default_lr: float = 1e-4
+    default_weight_decay: float = 1e-5
+    adam_eps: float = 1e-8
+    warmup_fraction: float = 0.1
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        if configuration not in self.supported_configurations:
+            raise ValueError(
+                f"{type(self).__name__} supports the configurations {', '.join(self.supported_configurations)}, "
+                f"not {configuration!r}. Run e.g. nnUNetv2_train DATASET {self.supported_configurations[0]} FOLD "
+                f"-tr {type(self).__name__}.")
+        plans, self._patch_note = self.prepare_plans(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.default_lr
+        self.weight_decay = self.default_weight_decay
+        if self._patch_note:
+            self.print_to_log_file(self._patch_note, also_print_to_console=True)
+
+    @classmethod
+    def prepare_plans(cls, plans: dict, configuration: str):
+        """A copy of ``plans`` with this architecture's valid patch size; and a note saying what changed."""
+        if cls.input_divisor is None:
+            return plans, ""
+        plans = copy.deepcopy(plans)
+        resolved = PlansManager(plans).get_configuration(configuration).patch_size
+        valid = valid_patch_size(resolved, cls.input_divisor)
+        plans["configurations"][configuration]["patch_size"] = valid
+        note = "" if list(resolved) == valid else (
+            f"{cls.__name__}: patch size {list(resolved)} from the plans -> {valid} (each axis rounded to the "
+            f"nearest multiple of {cls.input_divisor}, which this architecture's downsampling requires).")
+        return plans, note
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        if self.deep_supervision_factors is None:
+            return super()._get_deep_supervision_scales()
+        ndim = len(self.configuration_manager.patch_size)
+        return [[1.0 / f] * ndim for f in self.deep_supervision_factors]
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        unwrap_network(self.network).deep_supervision = enabled
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
+                                      eps=self.adam_eps)
+        warmup = int(self.warmup_fraction * self.num_epochs)
+        scheduler = WarmupCosineLRScheduler(optimizer, self.initial_lr, self.num_epochs, warmup)
+        return optimizer, scheduler
