@@ -1,0 +1,234 @@
+"""Load SwinUNETR weights (self-supervised Swin encoder or full network) into SwinUNETR / Swin SMT.
+
+Accepted checkpoint layouts
+---------------------------
+(a) MONAI's self-supervised Swin encoder (``model_swinvit.pt`` of MONAI's research SwinUNETR pretraining,
+    Tang et al., CVPR 2022): ``{"state_dict": {"module.patch_embed.proj.weight": ...,
+    "module.layers1.0.blocks.0.mlp.fc1.weight": ..., "module.layers1.0.downsample.reduction.weight": ...}}``.
+    Keys map to ``swinViT.<key without "module.">`` with the MLP's ``fc1``/``fc2`` renamed to MONAI's
+    ``linear1``/``linear2`` (the mapping MONAI's ``SwinUNETR.load_from`` performs by hand).
+(b) A full SwinUNETR / Swin SMT state dict, bare or wrapped in ``{"state_dict": ...}``, ``{"network_weights": ...}``
+    (nnU-Net checkpoints) or ``{"model": ...}``; ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes
+    are removed.
+
+Blocks whose MLP is a Soft MoE are *upcycled*: every expert starts as a copy of the checkpoint's dense MLP
+of that block (``mlp.linear1`` -> ``experts.fc1_*``, ``mlp.linear2`` -> ``experts.fc2_*``); the router
+parameters (slot projection and norms, or learned slots) keep their initialisation and are listed as missing.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["load_swin_unetr_weights", "LoadReport", "read_state_dict"]
+
+_WRAPPER_KEYS = ("state_dict", "network_weights", "model")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+# Per-expert stacked tensor <- dense MLP tensor of the same block.
+_UPCYCLE_MAP = {
+    "experts.fc1_weight": "linear1.weight",
+    "experts.fc1_bias": "linear1.bias",
+    "experts.fc2_weight": "linear2.weight",
+    "experts.fc2_bias": "linear2.bias",
+}
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_swin_unetr_weights` did. Key names refer to the network's state dict
+    (``unexpected``: checkpoint keys after prefix normalisation)."""
+
+    checkpoint: str
+    layout: str
+    loaded: list[str] = field(default_factory=list)
+    upcycled: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    def summary(self, max_names: int = 5) -> str:
+        def names(keys):
+            shown = ", ".join(keys[:max_names])
+            return f" [{shown}{', ...' if len(keys) > max_names else ''}]" if keys else ""
+
+        lines = [
+            f"Loaded {os.path.basename(self.checkpoint)} ({self.layout} layout): "
+            f"{len(self.loaded)} tensors loaded, {len(self.upcycled)} expert tensors upcycled from dense MLPs, "
+            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected"
+            + (f", {len(self.mismatched)} skipped for shape mismatch" if self.mismatched else ""),
+        ]
+        if self.missing:
+            lines.append(f"  missing (kept initialisation): {len(self.missing)}{names(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected (ignored): {len(self.unexpected)}{names(self.unexpected)}")
+        if self.mismatched:
+            lines.append(f"  shape mismatch (skipped): {len(self.mismatched)}{names(self.mismatched)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _short(err: BaseException) -> str:
+    """One line of an exception message (torch's weights-only errors are long, multi-line advice)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def read_state_dict(checkpoint_path: str | os.PathLike, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file and return the (unwrapped) state dict, with clear errors for bad files."""
+    path = os.fspath(checkpoint_path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint path {path!r} is a directory; expected a file written by torch.save")
+    expected = (
+        "expected a file written by torch.save holding a state dict (parameter name -> tensor), "
+        "optionally wrapped as {'state_dict': ...} or {'network_weights': ...}"
+    )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except pickle.UnpicklingError as err:
+        # A valid file with non-allowlisted classes fails with "Unsupported global"; random bytes fail otherwise.
+        if not trust_checkpoint and "unsupported global" in str(err).lower():
+            raise ValueError(
+                f"{path!r} contains Python objects other than tensors and plain containers, which torch.load "
+                "refuses with weights_only=True (nnU-Net checkpoints store such objects next to the weights). "
+                "If you trust this file, call again with trust_checkpoint=True."
+            ) from err
+        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({_short(err)}); {expected}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, ImportError) as err:
+        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({_short(err)}); {expected}") from err
+
+    state = obj
+    for _ in range(2):  # e.g. {"state_dict": {...}} or {"network_weights": {...}}
+        if isinstance(state, dict):
+            wrapper = next((k for k in _WRAPPER_KEYS if k in state and isinstance(state[k], dict)), None)
+            if wrapper is not None and not all(isinstance(v, torch.Tensor) for v in state.values()):
+                state = state[wrapper]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        kind = type(obj).__name__
+        keys = list(obj)[:5] if isinstance(obj, dict) else []
+        raise ValueError(f"{path!r} holds a {kind}{f' with keys {keys}' if keys else ''}, not a state dict; {expected}")
+    return state
+
+
+def _normalise_key(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                changed = True
+    # The self-supervised checkpoint names the MLP layers fc1/fc2, MONAI's MLPBlock linear1/linear2.
+    return key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+
+
+def _unwrap_network(network: nn.Module) -> nn.Module:
+    for attr in ("_orig_mod", "module"):  # torch.compile, DistributedDataParallel
+        while hasattr(network, attr) and isinstance(getattr(network, attr), nn.Module) and not hasattr(network, "swinViT"):
+            network = getattr(network, attr)
+    return network
+
+
+def load_swin_unetr_weights(
+    network: nn.Module,
+    checkpoint_path: str | os.PathLike,
+    *,
+    skip_mismatched: bool = False,
+    trust_checkpoint: bool = False,
+    verbose: bool = True,
+) -> LoadReport:
+    """Load a SwinUNETR checkpoint (self-supervised encoder or full network) into ``network``.
+
+    Args:
+        network: a MONAI ``SwinUNETR`` or :class:`nnunet_moe.networks.swin_smt.SwinSMT` (possibly wrapped by
+            ``torch.compile`` or DDP).
+        checkpoint_path: ``.pt``/``.pth`` file, see the module docstring for the layouts.
+        skip_mismatched: skip tensors whose shape differs (e.g. another number of classes or input channels)
+            and list them in the report, instead of raising.
+        trust_checkpoint: allow ``torch.load(weights_only=False)`` for files holding arbitrary Python objects
+            (only for files you trust: unpickling can run code).
+        verbose: print the report summary.
+
+    Returns:
+        :class:`LoadReport` with loaded / upcycled / missing / unexpected keys.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: not a readable checkpoint, not a state dict, no key in common with the network, or a
+            shape mismatch (naming the first mismatching key and both shapes) unless ``skip_mismatched``.
+    """
+    path = os.fspath(checkpoint_path)
+    network = _unwrap_network(network)
+    if not hasattr(network, "swinViT"):
+        raise ValueError(f"{type(network).__name__} is not a SwinUNETR / SwinSMT network (it has no swinViT encoder)")
+    source = read_state_dict(path, trust_checkpoint=trust_checkpoint)
+    target = network.state_dict()
+
+    # Self-supervised encoder checkpoints name keys relative to the Swin encoder (no "swinViT." prefix).
+    encoder_only = not any(_normalise_key(k).startswith("swinViT.") for k in source)
+    layout = "self-supervised Swin encoder" if encoder_only else "full network"
+    normalised: dict[str, torch.Tensor] = {}
+    original_name: dict[str, str] = {}
+    for key, value in source.items():
+        new_key = ("swinViT." if encoder_only else "") + _normalise_key(key)
+        normalised[new_key] = value
+        original_name[new_key] = key
+
+    report = LoadReport(checkpoint=path, layout=layout)
+    new_state = dict(target)
+    used: set[str] = set()
+
+    def check_shape(src_key: str, tgt_key: str, src_shape, tgt_shape) -> bool:
+        if tuple(src_shape) == tuple(tgt_shape):
+            return True
+        if skip_mismatched:
+            report.mismatched.append(tgt_key)
+            return False
+        raise ValueError(
+            f"checkpoint {path!r} does not fit this network: checkpoint tensor {src_key!r} has shape "
+            f"{tuple(src_shape)} but the network's {tgt_key!r} has shape {tuple(tgt_shape)} (a different "
+            "architecture, feature size, channel or class count?); pass skip_mismatched=True to load the rest"
+        )
+
+    for key, tensor in target.items():
+        if key in normalised:
+            used.add(key)
+            if check_shape(key, key, normalised[key].shape, tensor.shape):
+                new_state[key] = normalised[key].to(dtype=tensor.dtype)
+                report.loaded.append(key)
+            continue
+        upcycle_source = next(
+            (key[: -len(moe)] + dense for moe, dense in _UPCYCLE_MAP.items() if key.endswith(".mlp." + moe)), None
+        )
+        if upcycle_source is not None and upcycle_source in normalised:
+            used.add(upcycle_source)
+            dense = normalised[upcycle_source]
+            if check_shape(upcycle_source, key, (tensor.shape[0],) + tuple(dense.shape), tensor.shape):
+                new_state[key] = dense.to(dtype=tensor.dtype).unsqueeze(0).expand_as(tensor).clone()
+                report.upcycled.append(key)
+            continue
+        report.missing.append(key)
+    report.unexpected = [original_name[k] for k in normalised if k not in used]
+
+    if not report.loaded and not report.upcycled and not report.mismatched:
+        example = list(source)[:3]
+        raise ValueError(
+            f"checkpoint {path!r} has no tensor in common with {type(network).__name__} ({len(source)} tensors, e.g. "
+            f"{example}); expected SwinUNETR keys such as 'module.patch_embed.proj.weight' (self-supervised "
+            "encoder) or 'swinViT.patch_embed.proj.weight' (full network) - is it another architecture?"
+        )
+    network.load_state_dict(new_state, strict=True)
+    if verbose:
+        print(report.summary())
+    return report
