@@ -8,7 +8,8 @@ so that no code is needed per trainer. Asking nnU-Net for
 
 creates (on first attribute access of this module) a subclass of ``nnUNetTrainerSwinSMT``
 that trains 5 epochs of 20 iterations with ``max(1, 20 // 5)`` validation iterations per
-epoch. ``_<I>iters`` is optional (then nnU-Net's 250/50 iterations stay). The base may be
+epoch, saving ``checkpoint_latest.pth`` after every epoch (so an interrupted short run
+resumes with ``--c``). ``_<I>iters`` is optional (then nnU-Net's 250/50 iterations stay). The base may be
 any of our trainers or any trainer shipped with nnU-Net (``nnUNetTrainer_3epochs_10iters``).
 Everything else - optimiser, learning-rate schedule (it decays over the shorter run),
 augmentation, loss - is the base trainer's.
@@ -70,6 +71,7 @@ def short_schedule_trainer(base, epochs: int, iters: int | None = None):
                  device: torch.device = torch.device("cuda")):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
         self.num_epochs = epochs
+        self.save_every = 1  # epochs are few and slow on CPU: keep checkpoint_latest current for --c
         if iters is not None:
             self.num_iterations_per_epoch = iters
             self.num_val_iterations_per_epoch = max(1, iters // 5)
