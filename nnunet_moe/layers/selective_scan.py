@@ -1,0 +1,349 @@
+"""Selective scan (the S6 recurrence of Mamba) in pure PyTorch, as a chunked parallel scan.
+
+References
+----------
+- Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", arXiv:2312.00752
+  (the S6 recurrence; same call signature and tensor layouts as ``mamba_ssm``'s ``selective_scan_fn``).
+- Liu et al., "VMamba: Visual State Space Model", arXiv:2401.10166 and Liu et al., "Swin-UMamba",
+  MICCAI 2024 (the users of this operator in this package, through SS2D / SS3D).
+
+Semantics (``selective_scan_fn``)
+---------------------------------
+Shapes: ``u, delta, z: (B, D_in, L)``; ``A: (D_in, N)``; ``B, C: (B, N, L)``, grouped ``(B, G, N, L)``
+(channel ``d`` uses group ``d // (D_in / G)``) or time-invariant ``(D_in, N)``; ``D, delta_bias: (D_in,)``.
+
+    delta   <- softplus(delta + delta_bias)            (bias / softplus optional)
+    h_l     =  exp(delta_l * A) * h_{l-1} + delta_l * B_l * u_l        h: (B, D_in, N), h_{-1} = 0
+    y_l     =  sum_n C_l[n] * h_l[n]
+    out     =  (y + D * u) * silu(z)                                     -> (B, D_in, L), dtype of u
+    last    =  h_{L-1}                                                   (if ``return_last_state``)
+
+Algorithm (no Python loop over positions)
+-----------------------------------------
+The sequence is cut into chunks of ``T`` positions. Inside a chunk, with ``S_p = A * sum_{j<p} delta_j``
+(log of the cumulative decay), the recurrence is solved in closed form::
+
+    h_l = exp(S_{l+1}) h_init + sum_{k<=l} exp(S_{l+1} - S_{k+1}) b_k
+        = E_l * (exp(S_T) h_init + cumsum_k(Einv_k * b_k)),   E_l = exp(S_{l+1} - S_T), Einv_k = 1 / E_k
+
+so one ``cumsum`` over the chunk replaces the loop. The log-decays are measured from the chunk *end*,
+so ``Einv <= 1`` and ``E >= 1`` for decaying systems; their exponents are bounded by the chunk's total
+log-decay ``|A| * sum(delta)`` over the chunk. ``T`` is chosen per call (halved from ``chunk_size``)
+so that this bound stays below ``60`` in float32 (``600`` in float64): no factor inside a chunk
+overflows or underflows, whatever the magnitudes of ``delta`` and ``A`` (``T = 1`` is always
+admissible). Only whole-chunk decays ``exp(S_T)`` may underflow to 0, which drops contributions
+smaller than ``e^(60 - 87)`` (float32) of the carried state: far below float32 resolution.
+The chunk-end states then obey a short recurrence ``s_c = exp(S_T^c) s_{c-1} + cumsum_T^c`` over
+``L / T`` chunks (a loop over chunks, not positions; above 256 chunks a Hillis-Steele log-step scan
+with ``log2(L / T)`` vectorised steps). It multiplies decays only, so it is stable too.
+
+Cost: ``O(B * D_in * N * L)`` work and memory (about ten passes over a ``(B, D_in, N, L)`` tensor;
+no ``(L x L)`` or ``(T x T)`` tensors). Gradients come from autograd through these operations.
+Without autograd the two full-size tensors are written in place into two per-thread scratch buffers
+that are kept between calls (up to ``WORKSPACE_CACHE_LIMIT_BYTES`` each; :func:`clear_workspace`).
+
+Backends
+--------
+``backend="auto"`` (default) uses ``mamba_ssm``'s CUDA kernel when it is importable and the tensors are
+on CUDA, else this implementation; ``"torch"`` forces this implementation, ``"mamba_ssm"`` forces the
+kernel (``ImportError`` naming ``pip install nnunet-moe[cuda]`` when it is not installed). The
+environment variable ``NNUNET_MOE_SELECTIVE_SCAN`` (``auto`` / ``torch`` / ``mamba_ssm``) sets the
+default when the argument is not given.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["selective_scan", "selective_scan_torch", "mamba_ssm_available", "BACKENDS", "BACKEND_ENV_VAR",
+           "clear_workspace"]
+
+BACKENDS = ("auto", "torch", "mamba_ssm")
+BACKEND_ENV_VAR = "NNUNET_MOE_SELECTIVE_SCAN"
+
+# Largest |exponent| allowed inside a chunk: exp(60) ~ 1e26 leaves float32 (max ~3e38, min normal
+# ~1e-38) twelve orders of magnitude of head room for the inputs; float64 allows exp(600).
+_LOG_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
+# Up to this many chunks the cross-chunk recurrence is a plain loop over chunks (measured cheaper
+# than the log-step scan on CPU); beyond it (tiny chunks forced by huge decays) the log-step scan.
+_SEQUENTIAL_CHUNK_LIMIT = 256
+
+
+def mamba_ssm_available() -> bool:
+    """True when ``mamba_ssm``'s selective-scan CUDA extension can be imported."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+    except Exception:  # ImportError, or a broken build raising at import (e.g. "no kernel image")
+        return False
+    return True
+
+
+def _resolve_backend(backend: str | None, on_cuda: bool) -> str:
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto"
+        source = f"environment variable {BACKEND_ENV_VAR}"
+    else:
+        source = "argument backend"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source}={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "mamba_ssm" if on_cuda and mamba_ssm_available() else "torch"
+    if backend == "mamba_ssm":
+        if not mamba_ssm_available():
+            raise ImportError(
+                f"{source}='mamba_ssm' requests the CUDA selective-scan kernel, but mamba_ssm is not "
+                "importable. Install it with `pip install nnunet-moe[cuda]` (needs a CUDA toolchain), "
+                f"or use backend='torch' / {BACKEND_ENV_VAR}=torch for the pure-PyTorch scan."
+            )
+        if not on_cuda:
+            raise ValueError(f"{source}='mamba_ssm' needs CUDA tensors; got CPU tensors. Use backend='torch'.")
+    return backend
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"u must have shape (batch, D_in, L), got {tuple(u.shape)}")
+    batch, d_in, length = u.shape
+    if length < 1:
+        raise ValueError(f"sequence length L must be >= 1, got u.shape={tuple(u.shape)}")
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have the shape of u {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != d_in:
+        raise ValueError(f"A must have shape (D_in={d_in}, N), got {tuple(A.shape)}")
+    if A.is_complex():
+        raise ValueError("complex A is not supported by the pure-PyTorch selective scan (use a real A)")
+    n_state = A.shape[1]
+    for name, m in (("B", B), ("C", C)):
+        if m.dim() == 2:
+            ok = tuple(m.shape) == (d_in, n_state)
+            rule = f"(D_in={d_in}, N={n_state})"
+        elif m.dim() == 3:
+            ok = tuple(m.shape) == (batch, n_state, length)
+            rule = f"(batch={batch}, N={n_state}, L={length})"
+        elif m.dim() == 4:
+            ok = (m.shape[0], m.shape[2], m.shape[3]) == (batch, n_state, length) and m.shape[1] >= 1 \
+                and d_in % m.shape[1] == 0
+            rule = f"(batch={batch}, G, N={n_state}, L={length}) with D_in={d_in} divisible by G"
+        else:
+            ok, rule = False, "(D_in, N), (batch, N, L) or (batch, G, N, L)"
+        if not ok:
+            raise ValueError(f"{name} must have shape {rule}, got {tuple(m.shape)}")
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        if v is not None and tuple(v.shape) != (d_in,):
+            raise ValueError(f"{name} must have shape (D_in={d_in},), got {tuple(v.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have the shape of u {tuple(u.shape)}, got {tuple(z.shape)}")
+
+
+def _chunk_recurrence(decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Inclusive scan of ``s_c = decay_c * s_{c-1} + inputs_c`` along the last dim (``s_{-1} = 0``).
+
+    Short sequences (the ``L / T`` chunk summaries) use a plain recurrence over chunks: a few small
+    vectorised operations per chunk are cheaper than a log-step scan's full-size passes. Long ones
+    (only when pathological decays force tiny chunks) use a Hillis-Steele log-step scan:
+    ``ceil(log2(n))`` vectorised steps. Both only multiply decays, so nothing overflows that the
+    recurrence itself would not.
+    """
+    n = inputs.shape[-1]
+    if n <= _SEQUENTIAL_CHUNK_LIMIT:
+        if torch.is_grad_enabled() and (decay.requires_grad or inputs.requires_grad):
+            # unbind, not indexing: its backward is one stack instead of a zero-filled full-size
+            # gradient per selected chunk
+            decays, chunk_inputs = decay.unbind(-1), inputs.unbind(-1)
+            state = chunk_inputs[0]
+            states = [state]
+            for c in range(1, n):
+                state = torch.addcmul(chunk_inputs[c], decays[c], state)
+                states.append(state)
+            return torch.stack(states, -1)
+        # no autograd: one fused op per chunk, written straight into a chunk-major output
+        decay_t, inputs_t = decay.movedim(-1, 0), inputs.movedim(-1, 0)
+        out = torch.empty_like(inputs_t)
+        out[0] = inputs_t[0]
+        for c in range(1, n):
+            torch.addcmul(inputs_t[c], decay_t[c], out[c - 1], out=out[c])
+        return out.movedim(0, -1)
+    offset = 1
+    while offset < n:
+        inputs = torch.cat([inputs[..., :offset], inputs[..., offset:] + decay[..., offset:] * inputs[..., :-offset]], -1)
+        decay = torch.cat([decay[..., :offset], decay[..., offset:] * decay[..., :-offset]], -1)
+        offset *= 2
+    return inputs
+
+
+def _chunk_layout(delta5: torch.Tensor, abs_a_max: torch.Tensor, chunk_size: int, limit: float):
+    """Pick the chunk length and return ``(T, pad, chunk_total, rel_to_end)`` for ``delta5 (..., 1, L)``.
+
+    ``rel_to_end[..., c, l] = -sum_{j=l+1}^{T-1} delta[c, j]`` (a suffix sum: no cancellation error).
+    ``T`` is halved until ``max |A| * sum_chunk |delta| <= limit``, which bounds every exponent used
+    inside a chunk (``T = 1`` always qualifies: its only exponent is 0).
+    """
+    length = delta5.shape[-1]
+    chunk = max(1, min(chunk_size, length))
+    with torch.no_grad():
+        abs_delta = delta5.detach().abs()
+        while chunk > 1:
+            n_chunks = math.ceil(length / chunk)
+            pad = n_chunks * chunk - length
+            d = F.pad(abs_delta, (0, pad)) if pad else abs_delta
+            bound = float((abs_a_max * d.reshape(*d.shape[:-1], n_chunks, chunk).sum(-1)).amax())
+            if bound <= limit:
+                break
+            chunk //= 2
+    n_chunks = math.ceil(length / chunk)
+    pad = n_chunks * chunk - length
+    d = F.pad(delta5, (0, pad)) if pad else delta5  # zero delta: the padded steps neither decay nor add
+    d = d.reshape(*d.shape[:-1], n_chunks, chunk)
+    shifted = F.pad(d[..., 1:], (0, 1))  # delta_{l+1}, 0 at the chunk end
+    rel = -shifted.flip(-1).cumsum(-1).flip(-1)
+    return chunk, pad, d.sum(-1), rel
+
+
+def _scan_outputs(delta5, a5, du5, b_mat, c_mat, chunk_size: int):
+    """Outputs ``y`` and the last state of ``h_l = exp(delta_l A) h_{l-1} + du_l B_l``, ``y_l = <C_l, h_l>``.
+
+    Grouped 5-D layout: ``delta5, du5: (Bt, G, Dg, 1, L)`` (``du = delta * u``), ``a5: (1, G, Dg, N, 1)``,
+    ``b_mat, c_mat: (Bt, G, 1, N, L)`` or ``(1, G, Dg, N, 1)``. Returns ``y (Bt, G, Dg, L)`` and
+    ``last (Bt, G, Dg, N)``. Without autograd the two full-size tensors live in reused scratch buffers
+    and are updated in place (fresh 50 MB allocations cost more than the arithmetic on CPU).
+    """
+    length = delta5.shape[-1]
+    limit = _LOG_LIMIT.get(delta5.dtype, 60.0)
+    abs_a_max = a5.detach().abs().amax(dim=-2, keepdim=True)  # (1, G, Dg, 1, 1)
+    chunk, pad, chunk_total, rel = _chunk_layout(delta5, abs_a_max, chunk_size, limit)
+    n_chunks = rel.shape[-2]
+    tracked = (delta5, a5, du5, b_mat, c_mat)
+    inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in tracked))
+
+    def chunked(t):  # (..., L) -> (..., n_chunks, chunk); time-invariant (..., 1) broadcasts
+        if t.shape[-1] == 1:
+            return t.unsqueeze(-1)
+        t = F.pad(t, (0, pad)) if pad else t
+        return t.reshape(*t.shape[:-1], n_chunks, chunk)
+
+    full_shape = torch.broadcast_shapes(a5.unsqueeze(-1).shape, rel.shape)  # (Bt, G, Dg, N, nc, T)
+    if inplace:
+        buf_e, buf_w = _workspace(math.prod(full_shape), rel.dtype, rel.device)
+        e_fwd = torch.mul(a5.unsqueeze(-1), rel, out=buf_e.view(full_shape)).exp_()  # exp(S_{l+1} - S_T)
+        # exp(S_T - S_{k+1}) * delta_k u_k * B_k, scaled to the chunk end (<= |b| for decays)
+        weighted = torch.div(chunked(du5), e_fwd, out=buf_w.view(full_shape)).mul_(chunked(b_mat))
+        cum = weighted.cumsum_(-1)
+    else:
+        e_fwd = torch.exp(a5.unsqueeze(-1) * rel)
+        cum = (chunked(du5) / e_fwd * chunked(b_mat)).cumsum(-1)
+
+    chunk_decay = torch.exp(a5 * chunk_total)                 # (Bt, G, Dg, N, nc) = exp(S_T)
+    chunk_end_states = _chunk_recurrence(chunk_decay, cum[..., -1].clone())  # state after each chunk
+    carried = (F.pad(chunk_end_states[..., :-1], (1, 0)) * chunk_decay).unsqueeze(-1)  # exp(S_T) h_init
+    c_chunks = chunked(c_mat)
+    if inplace:
+        weighted_out = cum.add_(carried).mul_(e_fwd).mul_(c_chunks)
+    else:
+        weighted_out = (cum + carried) * e_fwd * c_chunks
+    y = weighted_out.sum(-3)                                  # contract the state dim N
+    y = y.reshape(*y.shape[:-2], n_chunks * chunk)
+    # padded steps neither decay nor add, so the state after the last chunk is the state at L - 1
+    return y[..., :length], chunk_end_states[..., -1]
+
+
+_WORKSPACE = threading.local()
+# Reusing two scratch buffers avoids the page faults of fresh allocations (they tripled the cost of
+# each pass over a 50 MB tensor on the CPU we measured). Buffers above this size are not kept.
+WORKSPACE_CACHE_LIMIT_BYTES = 256 * 2 ** 20
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device):
+    """Two flat scratch buffers of ``numel`` elements (cached per thread on CPU, below the size limit)."""
+    cached = getattr(_WORKSPACE, "buffers", None)
+    if cached is not None and cached[0].numel() >= numel and cached[0].dtype == dtype and cached[0].device == device:
+        return cached[0][:numel], cached[1][:numel]
+    buffers = (torch.empty(numel, dtype=dtype, device=device), torch.empty(numel, dtype=dtype, device=device))
+    keep = device.type == "cpu" and numel * buffers[0].element_size() <= WORKSPACE_CACHE_LIMIT_BYTES
+    _WORKSPACE.buffers = buffers if keep else None
+    return buffers
+
+
+def clear_workspace() -> None:
+    """Release the cached scratch buffers of the no-grad path."""
+    _WORKSPACE.buffers = None
+
+
+def _grouped(m: torch.Tensor, groups: int, d_group: int, batch: int) -> torch.Tensor:
+    """B or C in the 5-D layout: variable ``(B,[G,]N,L)`` -> ``(B, G, 1, N, L)``; invariant ``(D_in, N)`` -> ``(1, G, Dg, N, 1)``."""
+    if m.dim() == 2:
+        return m.reshape(1, groups, d_group, m.shape[1], 1)
+    if m.dim() == 3:
+        m = m.unsqueeze(1)
+    if m.shape[1] != groups:  # B and C may use different group counts: repeat to the common one
+        m = m.repeat_interleave(groups // m.shape[1], dim=1)
+    return m.unsqueeze(2)
+
+
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False, chunk_size: int = 64):
+    """Pure-PyTorch selective scan (see the module docstring); same arguments as :func:`selective_scan`."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out_dtype = u.dtype
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    batch, d_in, length = u.shape
+    n_state = A.shape[1]
+    u_c = u.to(compute)
+    delta = delta.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    g_b = B.shape[1] if B.dim() == 4 else 1
+    g_c = C.shape[1] if C.dim() == 4 else 1
+    groups = g_b * g_c // math.gcd(g_b, g_c)
+    d_group = d_in // groups
+
+    delta5 = delta.reshape(batch, groups, d_group, 1, length)
+    u5 = u_c.reshape(batch, groups, d_group, 1, length)
+    a5 = A.to(compute).reshape(1, groups, d_group, n_state, 1)
+    b_mat = _grouped(B.to(compute), groups, d_group, batch)
+    c_mat = _grouped(C.to(compute), groups, d_group, batch)
+
+    y, last = _scan_outputs(delta5, a5, delta5 * u5, b_mat, c_mat, chunk_size)
+    y = y.reshape(batch, d_in, length)
+    out = y if D is None else y + u_c * D.to(compute)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(compute))
+    out = out.to(out_dtype)
+    if return_last_state:
+        return out, last.reshape(batch, d_in, n_state)
+    return out
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, backend: str | None = None, chunk_size: int = 64):
+    """Selective scan with the semantics of ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``.
+
+    Args:
+        u, delta: ``(B, D_in, L)``. A: ``(D_in, N)`` (real). B, C: ``(B, N, L)``, ``(B, G, N, L)`` or
+            ``(D_in, N)``. D, delta_bias: ``(D_in,)`` or None. z: ``(B, D_in, L)`` or None (gate ``silu(z)``).
+        delta_softplus: apply ``softplus`` to ``delta + delta_bias``.
+        return_last_state: also return the final state ``(B, D_in, N)``.
+        backend: ``"auto"``, ``"torch"`` or ``"mamba_ssm"``; None reads ``NNUNET_MOE_SELECTIVE_SCAN``
+            (default ``auto``: the CUDA kernel for CUDA tensors when installed, else pure PyTorch).
+        chunk_size: largest chunk length of the pure-PyTorch scan (it may be halved for stability).
+
+    Returns:
+        ``out (B, D_in, L)`` in ``u``'s dtype, or ``(out, last_state)``.
+    """
+    chosen = _resolve_backend(backend, u.is_cuda)
+    if chosen == "mamba_ssm":
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+        return selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                 delta_softplus=delta_softplus, return_last_state=return_last_state)
+    return selective_scan_torch(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                delta_softplus=delta_softplus, return_last_state=return_last_state,
+                                chunk_size=chunk_size)

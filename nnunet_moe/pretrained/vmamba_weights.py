@@ -1,0 +1,154 @@
+"""Load ImageNet-pretrained VMamba-Tiny weights into the VSS encoder of Swin-UMamba / Swin-UMamba-dagger.
+
+References
+----------
+- Liu et al., "Swin-UMamba", MICCAI 2024, Sec. 2.2 / 3.2: the encoder is initialised from VMamba-Tiny
+  and frozen (except the patch embedding) for the first 10 epochs.
+- Liu et al., "VMamba", arXiv:2401.10166 (the checkpoint: a dict whose ``"model"`` entry holds
+  ``patch_embed.*``, ``layers.{i}.blocks.{j}.{ln_1, self_attention.*}``,
+  ``layers.{i}.downsample.{reduction, norm}``, and the classifier ``head.*`` / final ``norm.*``).
+
+Rules
+-----
+- ``head.*`` and ``norm.*`` (classifier, final norm) are dropped: the segmentation encoder has neither.
+- Keys are matched by name (our encoder uses VMamba's names); a ``module.`` prefix (DDP) and an
+  ``encoder.`` / ``vssm_encoder.`` / ``backbone.`` prefix are stripped.
+- Patch embedding with another number of input channels but the same kernel (dagger: 4x4 from the
+  input; checkpoint: 4x4 from RGB) is adapted with timm's ``adapt_input_conv``: for 1 channel the RGB
+  kernels are summed (a grey image replicated to RGB gives the same response), otherwise the RGB
+  kernels are repeated cyclically and scaled by ``3 / in_channels``. With another kernel size
+  (Swin-UMamba: 2x2 from the 48-channel stem) ``patch_embed.proj.{weight,bias}`` are skipped and
+  reported; ``patch_embed.norm`` is still loaded.
+- Any other shape mismatch (e.g. 3D networks: six scan directions and ``conv3d``) is skipped and
+  reported, never silently reshaped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.models import adapt_input_conv
+from torch import nn
+
+from nnunet_moe.networks.swin_umamba import VSSEncoder
+
+__all__ = ["LoadReport", "load_vmamba_encoder_weights", "encoder_parameters_to_freeze", "set_encoder_frozen",
+           "read_vmamba_state_dict", "DROPPED_PREFIXES"]
+
+DROPPED_PREFIXES = ("head.", "norm.")
+_STRIPPED_PREFIXES = ("module.", "encoder.", "vssm_encoder.", "backbone.")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_vmamba_encoder_weights` did, key by key (encoder-relative names)."""
+
+    loaded: list[str] = field(default_factory=list)       # copied (including adapted ones)
+    adapted: dict[str, str] = field(default_factory=dict)  # key -> how it was adapted
+    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why not loaded
+    dropped: list[str] = field(default_factory=list)       # classifier head / final norm
+    missing: list[str] = field(default_factory=list)       # encoder keys left at their initialisation
+    unexpected: list[str] = field(default_factory=list)    # checkpoint keys with no encoder counterpart
+
+    def summary(self) -> str:
+        return (f"loaded {len(self.loaded)} (adapted {len(self.adapted)}), skipped {len(self.skipped)}, "
+                f"dropped {len(self.dropped)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}")
+
+
+def _find_encoder(encoder_or_network: nn.Module) -> VSSEncoder:
+    if isinstance(encoder_or_network, VSSEncoder):
+        return encoder_or_network
+    encoder = getattr(encoder_or_network, "encoder", None)
+    if isinstance(encoder, VSSEncoder):
+        return encoder
+    raise TypeError(f"expected a VSSEncoder or a network with a VSSEncoder at `.encoder` (SwinUMamba, SwinUMambaD), "
+                    f"got {type(encoder_or_network).__name__}")
+
+
+def read_vmamba_state_dict(checkpoint_path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file and return its state dict with prefixes stripped; clear errors for bad files.
+
+    ``allow_pickle=True`` permits arbitrary pickled objects (training checkpoints that also store a config
+    object); only use it for files you trust.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VMamba checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as err:  # truncated download, HTML error page, pickle of another kind...
+        hint = "" if allow_pickle else " If it is a trusted training checkpoint storing non-tensor objects, " \
+                                        "pass allow_pickle=True."
+        raise ValueError(f"could not read {path} as a PyTorch checkpoint (corrupt or not a torch file?): "
+                         f"{type(err).__name__}: {str(err)[:300]}.{hint}") from err
+    state = obj
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict", "network_weights"):
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors (expected VMamba's {{'model': state_dict}}); "
+                         f"top-level entries: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__}")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in _STRIPPED_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    if not any(k.startswith("layers.") and ".blocks." in k for k in cleaned):
+        raise ValueError(f"{path} has no VMamba encoder keys (layers.{{i}}.blocks.{{j}}.*): it is a checkpoint of "
+                         f"another model. First keys: {list(cleaned)[:6]}")
+    return cleaned
+
+
+def load_vmamba_encoder_weights(encoder_or_network: nn.Module, checkpoint_path,
+                                allow_pickle: bool = False) -> LoadReport:
+    """Copy the VMamba-Tiny weights of ``checkpoint_path`` into the VSS encoder; return a :class:`LoadReport`."""
+    encoder = _find_encoder(encoder_or_network)
+    checkpoint = read_vmamba_state_dict(checkpoint_path, allow_pickle=allow_pickle)
+    target = encoder.state_dict()
+    report = LoadReport()
+    new_state = {}
+    for key, value in checkpoint.items():
+        if key.startswith(DROPPED_PREFIXES):
+            report.dropped.append(key)
+            continue
+        if key not in target:
+            report.unexpected.append(key)
+            continue
+        wanted = target[key].shape
+        if value.shape == wanted:
+            new_state[key] = value
+            continue
+        if key == "patch_embed.proj.weight" and value.dim() == len(wanted) and value.shape[0] == wanted[0] \
+                and value.shape[2:] == wanted[2:]:
+            new_state[key] = adapt_input_conv(wanted[1], value.float()).to(value.dtype)
+            report.adapted[key] = (f"input channels {value.shape[1]} -> {wanted[1]} "
+                                   f"({'sum over RGB' if wanted[1] == 1 else 'repeat RGB, scale 3/C'})")
+            continue
+        report.skipped[key] = f"shape {tuple(value.shape)} in checkpoint, {tuple(wanted)} in encoder"
+    if "patch_embed.proj.weight" in report.skipped and "patch_embed.proj.bias" in new_state:
+        # the bias belongs to the kernel that was not loaded
+        del new_state["patch_embed.proj.bias"]
+        report.skipped["patch_embed.proj.bias"] = "its patch_embed.proj.weight was skipped"
+    result = encoder.load_state_dict(new_state, strict=False)
+    assert not result.unexpected_keys  # every key was checked against the encoder above
+    report.loaded = sorted(new_state)
+    report.missing = sorted(result.missing_keys)
+    return report
+
+
+def encoder_parameters_to_freeze(network: nn.Module) -> list[nn.Parameter]:
+    """Encoder parameters the paper freezes for the first epochs: all but the patch embedding's."""
+    encoder = _find_encoder(network)
+    return [p for name, p in encoder.named_parameters() if not name.startswith("patch_embed.")]
+
+
+def set_encoder_frozen(network: nn.Module, frozen: bool) -> int:
+    """(Un)freeze :func:`encoder_parameters_to_freeze`; returns how many parameter tensors changed."""
+    params = encoder_parameters_to_freeze(network)
+    for p in params:
+        p.requires_grad_(not frozen)
+    return len(params)

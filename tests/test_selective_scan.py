@@ -1,0 +1,189 @@
+"""Pure-PyTorch selective scan vs a float64 sequential loop (values, last state, gradients), backends, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnunet_moe.layers import selective_scan as scan_module
+from nnunet_moe.layers.selective_scan import BACKEND_ENV_VAR, selective_scan
+
+
+def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Plain loop over positions, float64, straight from the recurrence; returns (out, last_state)."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, d_in, length = u.shape
+    if B.dim() == 3:
+        B = B[:, None]
+    if C.dim() == 3:
+        C = C[:, None]
+    B = B.repeat_interleave(d_in // B.shape[1], dim=1)  # (batch, D_in, N, L)
+    C = C.repeat_interleave(d_in // C.shape[1], dim=1)
+    h = u.new_zeros(batch, d_in, A.shape[1])
+    ys = []
+    for t in range(length):
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[..., t] * u[:, :, t, None]
+        ys.append((h * C[..., t]).sum(-1))
+    out = torch.stack(ys, -1)
+    if D is not None:
+        out = out + u * D.double()[:, None]
+    if z is not None:
+        out = out * F.silu(z.double())
+    return out, h
+
+
+def make_inputs(length, batch=2, d_in=8, n_state=4, groups_b=None, groups_c=None, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed + length)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    u = rnd(batch, d_in, length)
+    delta = rnd(batch, d_in, length) * 0.5
+    A = -torch.exp(rnd(d_in, n_state) * 0.5 + 0.5)  # negative, |A| ~ 0.6..8
+    B = rnd(batch, n_state, length) if groups_b is None else rnd(batch, groups_b, n_state, length)
+    C = rnd(batch, n_state, length) if groups_c is None else rnd(batch, groups_c, n_state, length)
+    D = rnd(d_in)
+    z = rnd(batch, d_in, length)
+    delta_bias = rnd(d_in) * 0.5 - 1.0
+    return u, delta, A, B, C, D, z, delta_bias
+
+
+def assert_close_to_reference(ours, ref):
+    # rtol 1e-5 as asked; atol 1e-6 of the largest |value|: float32 rounding (eps 1.2e-7) accumulates
+    # over the summed terms of an output, so an output that cancels to ~0 carries absolute, not relative,
+    # error of that size.
+    atol = 1e-6 * ref.abs().max().item()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=atol)
+
+
+CONFIGS = {
+    "plain": dict(),
+    "D": dict(use_D=True),
+    "z": dict(use_z=True),
+    "bias_softplus": dict(use_bias=True, softplus=True),
+    "softplus_only": dict(softplus=True),
+    "all": dict(use_D=True, use_z=True, use_bias=True, softplus=True),
+    "grouped_all": dict(use_D=True, use_z=True, use_bias=True, softplus=True, groups_b=2, groups_c=4),
+}
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 100, 257])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_matches_float64_loop(length, config):
+    cfg = CONFIGS[config]
+    u, delta, A, B, C, D, z, bias = make_inputs(length, groups_b=cfg.get("groups_b"), groups_c=cfg.get("groups_c"))
+    if not cfg.get("softplus"):
+        delta = delta.abs()  # keep the raw delta a positive step size, as softplus would
+    kwargs = dict(D=D if cfg.get("use_D") else None, z=z if cfg.get("use_z") else None,
+                  delta_bias=bias if cfg.get("use_bias") else None, delta_softplus=cfg.get("softplus", False))
+    # chunk 16 puts several chunks (and padding for 7, 100, 257) into the test
+    out, last = selective_scan(u, delta, A, B, C, return_last_state=True, backend="torch", chunk_size=16, **kwargs)
+    ref, ref_last = reference_scan(u, delta, A, B, C, **kwargs)
+    assert out.dtype == torch.float32 and out.shape == u.shape and last.shape == (2, 8, 4)
+    assert_close_to_reference(out, ref)
+    assert_close_to_reference(last, ref_last)
+
+
+def test_default_chunk_and_log_step_path_agree_with_loop():
+    u, delta, A, B, C, D, z, bias = make_inputs(300)
+    ref, _ = reference_scan(u, delta, A, B, C, D, z, bias, True)
+    for chunk in (64, 1):  # chunk 1 -> 300 chunks -> Hillis-Steele log-step path across chunks
+        out = selective_scan(u, delta, A, B, C, D, z, bias, True, backend="torch", chunk_size=chunk)
+        assert_close_to_reference(out, ref)
+
+
+def test_time_invariant_B_C():
+    u, delta, A, _, _, D, _, _ = make_inputs(33)
+    B = torch.randn(8, 4)
+    C = torch.randn(8, 4)
+    out = selective_scan(u, delta.abs(), A, B, C, D, backend="torch", chunk_size=8)
+    ref, _ = reference_scan(u, delta.abs(), A, B[None, :, :, None].expand(2, 8, 4, 33), C[None, :, :, None].expand(2, 8, 4, 33), D)
+    assert_close_to_reference(out, ref)
+
+
+def test_huge_decays_stay_finite_and_exact():
+    # |delta * A| up to 500 per step: naive exp(cumsum) formulations overflow float32 (exp(88) = inf)
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(1, 4, 200, generator=g)
+    delta = torch.rand(1, 4, 200, generator=g) * 50
+    A = -torch.rand(4, 3, generator=g) * 10
+    B = torch.randn(1, 3, 200, generator=g)
+    C = torch.randn(1, 3, 200, generator=g)
+    out = selective_scan(u, delta, A, B, C, backend="torch")
+    ref, _ = reference_scan(u, delta, A, B, C)
+    assert torch.isfinite(out).all()
+    assert_close_to_reference(out, ref)
+
+
+def test_gradcheck_float64():
+    u, delta, A, B, C, D, z, bias = (t.double().requires_grad_() for t in make_inputs(9, batch=1, d_in=4, n_state=3,
+                                                                                       groups_b=2))
+
+    def fn(u, delta, A, B, C, D, z, bias):
+        out, last = selective_scan(u, delta, A, B, C, D, z, bias, True, True, backend="torch", chunk_size=4)
+        return out, last
+
+    assert torch.autograd.gradcheck(fn, (u, delta, A, B, C, D, z, bias), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_float32_gradients_match_float64_reference():
+    inputs = make_inputs(64, groups_b=2)
+    ours_in = [t.clone().requires_grad_() for t in inputs]
+    ref_in = [t.double().requires_grad_() for t in inputs]
+    grad_out = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(5))
+    u, delta, A, B, C, D, z, bias = ours_in
+    (selective_scan(u, delta, A, B, C, D, z, bias, True, backend="torch", chunk_size=16) * grad_out).sum().backward()
+    u, delta, A, B, C, D, z, bias = ref_in
+    (reference_scan(u, delta, A, B, C, D, z, bias, True)[0] * grad_out.double()).sum().backward()
+    for name, ours, ref in zip("u delta A B C D z delta_bias".split(), ours_in, ref_in):
+        atol = 1e-5 * ref.grad.abs().max().item()
+        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=atol, msg=f"gradient of {name}")
+
+
+def test_low_precision_inputs_keep_dtype():
+    u, delta, A, B, C, D, z, bias = make_inputs(20)
+    out = selective_scan(u.bfloat16(), delta.bfloat16(), A, B.bfloat16(), C.bfloat16(), D, z.bfloat16(), bias, True,
+                         backend="torch")
+    ref, _ = reference_scan(u.bfloat16(), delta.bfloat16(), A, B.bfloat16(), C.bfloat16(), D, z.bfloat16(), bias, True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(scan_module.mamba_ssm_available(), reason="mamba_ssm is installed")
+def test_explicit_cuda_kernel_without_mamba_ssm_raises():
+    u, delta, A, B, C, *_ = make_inputs(5)
+    with pytest.raises(ImportError, match=r"pip install nnunet-moe\[cuda\]"):
+        selective_scan(u, delta, A, B, C, backend="mamba_ssm")
+
+
+def test_backend_env_var_and_bad_backend(monkeypatch):
+    u, delta, A, B, C, *_ = make_inputs(5)
+    called = []
+    original = scan_module.selective_scan_torch
+    monkeypatch.setattr(scan_module, "selective_scan_torch", lambda *a, **k: called.append(1) or original(*a, **k))
+    monkeypatch.setenv(BACKEND_ENV_VAR, "torch")
+    selective_scan(u, delta, A, B, C)
+    assert called == [1]
+    monkeypatch.setenv(BACKEND_ENV_VAR, "cuda-please")
+    with pytest.raises(ValueError, match=BACKEND_ENV_VAR):
+        selective_scan(u, delta, A, B, C)
+    with pytest.raises(ValueError, match="backend"):
+        selective_scan(u, delta, A, B, C, backend="triton")
+
+
+def test_auto_backend_uses_torch_on_cpu():
+    assert scan_module._resolve_backend("auto", on_cuda=False) == "torch"
+
+
+@pytest.mark.parametrize("bad", ["delta", "A", "B", "D", "z", "groups"])
+def test_bad_shapes_raise_value_error(bad):
+    u, delta, A, B, C, D, z, bias = make_inputs(6)
+    kwargs = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z)
+    if bad == "groups":
+        kwargs["B"] = torch.randn(2, 3, 4, 6)  # 8 channels are not divisible into 3 groups
+    elif bad == "D":
+        kwargs["D"] = torch.randn(7)
+    else:
+        kwargs[bad] = kwargs[bad][..., :-1]
+    with pytest.raises(ValueError, match="must have"):
+        selective_scan(**kwargs, backend="torch")
