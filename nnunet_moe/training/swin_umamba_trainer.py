@@ -1,0 +1,99 @@
+"""Swin-UMamba and Swin-UMamba† trainers, ImageNet-pretrained or from scratch, 2D and 3D.
+
+Paper: Liu, Yang, Zhou et al., "Swin-UMamba: Mamba-based UNet with ImageNet-based
+pretraining", MICCAI 2024. Networks: :mod:`nnunet_moe.networks.swin_umamba` (pure-PyTorch
+selective scan; mamba-ssm's CUDA kernel is used when installed and the tensors are on CUDA).
+
+What changes against nnU-Net's default trainer:
+
+- network: ``SwinUMamba`` (stem + VSS encoder + UNETR-style decoder, deep supervision at
+  1, 1/2, 1/4, 1/8) or ``SwinUMambaD`` (patch-4 encoder, VSS decoder, deep supervision at
+  1, 1/4, 1/8, 1/16); 2D as in the paper, 3D with six scan directions;
+- patch size: each axis rounded to the nearest multiple of 32 (the total downsampling);
+- optimiser: AdamW lr 1e-4, weight decay 0.05, eps 1e-5, cosine decay (paper);
+- pretrained (``nnUNetTrainerSwinUMamba``, ``nnUNetTrainerSwinUMambaD``): the VMamba-Tiny
+  ImageNet checkpoint given by ``NNUNET_MOE_VMAMBA_WEIGHTS=/path/to/vssmtiny.pth`` is
+  loaded into the encoder, which is frozen except its patch embedding for the first 10
+  epochs. Without the variable these trainers stop with a message saying what to do; the
+  ``...Scratch`` variants train from random weights.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from nnunet_moe.networks.swin_umamba import SWIN_UMAMBA_D_DIVISOR, SWIN_UMAMBA_DIVISOR, SwinUMamba, SwinUMambaD
+from nnunet_moe.training.base import nnUNetMoETrainerBase, unwrap_network
+
+WEIGHTS_ENV = "NNUNET_MOE_VMAMBA_WEIGHTS"
+
+
+class nnUNetTrainerSwinUMamba(nnUNetMoETrainerBase):
+    paper = "Swin-UMamba: Mamba-based UNet with ImageNet-based pretraining (Liu et al., MICCAI 2024)"
+    supported_configurations = ("2d", "3d_fullres")
+    network_class = SwinUMamba
+    input_divisor = SWIN_UMAMBA_DIVISOR
+    deep_supervision_factors = (1, 2, 4, 8)
+    default_lr = 1e-4
+    default_weight_decay = 0.05
+    adam_eps = 1e-5
+    warmup_fraction = 0.0  # the paper uses a plain cosine schedule
+    pretrained = True
+    freeze_encoder_epochs = 10
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # nnU-Net pops this flag; keep it: a resumed run takes its weights from the checkpoint.
+        self._resuming = bool(plans.get("continue_training", False))
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        return cls.network_class(num_input_channels, num_output_channels,
+                                 spatial_dims=len(configuration_manager.patch_size),
+                                 deep_supervision=enable_deep_supervision)
+
+    def initialize(self):
+        if self.pretrained and not self._resuming and not os.environ.get(WEIGHTS_ENV):
+            raise RuntimeError(
+                f"{type(self).__name__} starts from the ImageNet-pretrained VMamba-Tiny encoder. Set "
+                f"{WEIGHTS_ENV}=/path/to/vssmtiny checkpoint (the VMamba-Tiny release, dict key 'model'), or train "
+                f"from scratch with -tr {type(self).__name__}Scratch.")
+        super().initialize()
+        if self.pretrained and not self._resuming:
+            from nnunet_moe.pretrained.vmamba_weights import load_vmamba_encoder_weights
+
+            report = load_vmamba_encoder_weights(unwrap_network(self.network), os.environ[WEIGHTS_ENV])
+            self.print_to_log_file(f"{WEIGHTS_ENV}={os.environ[WEIGHTS_ENV]}\n{report}", also_print_to_console=True)
+
+    def on_train_epoch_start(self):
+        if self.pretrained:
+            from nnunet_moe.pretrained.vmamba_weights import set_encoder_frozen
+
+            frozen = self.current_epoch < self.freeze_encoder_epochs
+            set_encoder_frozen(unwrap_network(self.network), frozen)
+            if self.current_epoch in (0, self.freeze_encoder_epochs):
+                self.print_to_log_file(f"VSS encoder {'frozen (patch embedding trains)' if frozen else 'unfrozen'}")
+        super().on_train_epoch_start()
+
+
+class nnUNetTrainerSwinUMambaScratch(nnUNetTrainerSwinUMamba):
+    """Swin-UMamba from random initialisation."""
+
+    pretrained = False
+
+
+class nnUNetTrainerSwinUMambaD(nnUNetTrainerSwinUMamba):
+    """Swin-UMamba†: patch-4 VSS encoder and VSS decoder (fewer parameters)."""
+
+    network_class = SwinUMambaD
+    input_divisor = SWIN_UMAMBA_D_DIVISOR
+    deep_supervision_factors = (1, 4, 8, 16)
+
+
+class nnUNetTrainerSwinUMambaDScratch(nnUNetTrainerSwinUMambaD):
+    """Swin-UMamba† from random initialisation."""
+
+    pretrained = False
