@@ -24,7 +24,7 @@ import time
 from nnunet_moe.demo_dataset import write_demo_dataset
 from nnunet_moe.nnunet_paths import set_default_paths
 
-DEFAULT_TRAINER = "nnUNetTrainer_1epochs_150iters"
+DEFAULT_TRAINER = "nnUNetTrainerAdam1en3_3epochs_30iters"
 DEFAULT_CONFIGURATION = "3d_fullres"
 
 
