@@ -71,7 +71,7 @@ def test_corrupt_file_raises_clear_error(tmp_path):
     path = tmp_path / "broken.pth"
     path.write_bytes(b"<html>404 not found</html>" * 10)
     net = SwinUMambaD(1, 2, decoder_depths=(1, 1, 1), **DIMS)
-    with pytest.raises(ValueError, match="corrupt or not a torch file"):
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         load_vmamba_encoder_weights(net, path)
     with pytest.raises(FileNotFoundError):
         load_vmamba_encoder_weights(net, tmp_path / "absent.pth")

@@ -32,6 +32,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from nnunet_moe.networks.swin_umamba import VSSEncoder
+from nnunet_moe.pretrained.checkpoint_io import read_state_dict
 
 __all__ = ["LoadReport", "load_vmamba_encoder_weights", "encoder_parameters_to_freeze", "set_encoder_frozen",
            "read_vmamba_state_dict", "DROPPED_PREFIXES"]
@@ -66,31 +67,14 @@ def _find_encoder(encoder_or_network: nn.Module) -> VSSEncoder:
                     f"got {type(encoder_or_network).__name__}")
 
 
-def read_vmamba_state_dict(checkpoint_path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_vmamba_state_dict(checkpoint_path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
     """Read a checkpoint file and return its state dict with prefixes stripped; clear errors for bad files.
 
-    ``allow_pickle=True`` permits arbitrary pickled objects (training checkpoints that also store a config
+    ``trust_checkpoint=True`` permits arbitrary pickled objects (training checkpoints that also store a config
     object); only use it for files you trust.
     """
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VMamba checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as err:  # truncated download, HTML error page, pickle of another kind...
-        hint = "" if allow_pickle else " If it is a trusted training checkpoint storing non-tensor objects, " \
-                                        "pass allow_pickle=True."
-        raise ValueError(f"could not read {path} as a PyTorch checkpoint (corrupt or not a torch file?): "
-                         f"{type(err).__name__}: {str(err)[:300]}.{hint}") from err
-    state = obj
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict", "network_weights"):
-            if isinstance(obj.get(key), dict):
-                state = obj[key]
-                break
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict of tensors (expected VMamba's {{'model': state_dict}}); "
-                         f"top-level entries: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__}")
+    state = read_state_dict(path, trust_checkpoint=trust_checkpoint)
     cleaned = {}
     for key, value in state.items():
         for prefix in _STRIPPED_PREFIXES:
@@ -104,10 +88,10 @@ def read_vmamba_state_dict(checkpoint_path, allow_pickle: bool = False) -> dict[
 
 
 def load_vmamba_encoder_weights(encoder_or_network: nn.Module, checkpoint_path,
-                                allow_pickle: bool = False) -> LoadReport:
+                                trust_checkpoint: bool = False) -> LoadReport:
     """Copy the VMamba-Tiny weights of ``checkpoint_path`` into the VSS encoder; return a :class:`LoadReport`."""
     encoder = _find_encoder(encoder_or_network)
-    checkpoint = read_vmamba_state_dict(checkpoint_path, allow_pickle=allow_pickle)
+    checkpoint = read_vmamba_state_dict(checkpoint_path, trust_checkpoint=trust_checkpoint)
     target = encoder.state_dict()
     report = LoadReport()
     new_state = {}
