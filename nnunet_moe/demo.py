@@ -124,5 +124,8 @@ def evaluate_folder(labels_folder: str, pred_folder: str, plans_file: str, datas
     """nnU-Net's stock evaluation (writes ``summary.json`` into ``pred_folder``)."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
 
-    return compute_metrics_on_folder2(labels_folder, pred_folder, dataset_json_file, plans_file,
-                                      os.path.join(pred_folder, "summary.json"), num_processes=1)
+    summary_file = os.path.join(pred_folder, "summary.json")
+    compute_metrics_on_folder2(labels_folder, pred_folder, dataset_json_file, plans_file, summary_file,
+                               num_processes=1)
+    with open(summary_file) as f:
+        return json.load(f)
