@@ -1,4 +1,4 @@
-"""The ``nnunet-moe`` command: ``list``, ``env``, ``demo``."""
+"""The ``nnunet-moe`` command: ``list``, ``env``, ``demo``, ``benchmark``."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda", "mps"])
     demo.add_argument("--num-test", type=int, default=10, help="held-out cases (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
+    from nnunet_moe.benchmark.command import add_benchmark_parser
+
+    add_benchmark_parser(sub)
     return parser
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nnunet_moe.networks.unwrap import unwrap_network
 from nnunet_moe.pretrained.checkpoint_io import read_state_dict
 
 __all__ = ["load_swin_unetr_weights", "LoadReport", "read_state_dict"]
@@ -85,12 +86,6 @@ def _normalise_key(key: str) -> str:
     return key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
 
 
-def _unwrap_network(network: nn.Module) -> nn.Module:
-    for attr in ("_orig_mod", "module"):  # torch.compile, DistributedDataParallel
-        while hasattr(network, attr) and isinstance(getattr(network, attr), nn.Module) and not hasattr(network, "swinViT"):
-            network = getattr(network, attr)
-    return network
-
 
 def load_swin_unetr_weights(
     network: nn.Module,
@@ -121,7 +116,7 @@ def load_swin_unetr_weights(
             shape mismatch (naming the first mismatching key and both shapes) unless ``skip_mismatched``.
     """
     path = os.fspath(checkpoint_path)
-    network = _unwrap_network(network)
+    network = unwrap_network(network)
     if not hasattr(network, "swinViT"):
         raise ValueError(f"{type(network).__name__} is not a SwinUNETR / SwinSMT network (it has no swinViT encoder)")
     source = read_state_dict(path, trust_checkpoint=trust_checkpoint)

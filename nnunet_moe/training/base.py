@@ -27,19 +27,10 @@ import copy
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-from torch._dynamo import OptimizedModule
 
+from nnunet_moe.networks.unwrap import unwrap_network  # noqa: F401  (trainers import it from here)
 from nnunet_moe.training.lr_schedules import WarmupCosineLRScheduler
 from nnunet_moe.training.patch_size import valid_patch_size
-
-
-def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
-    """The plain module behind DDP and torch.compile wrappers."""
-    if isinstance(network, torch.nn.parallel.DistributedDataParallel):
-        network = network.module
-    if isinstance(network, OptimizedModule):
-        network = network._orig_mod
-    return network
 
 
 class nnUNetMoETrainerBase(nnUNetTrainer):
