@@ -21,19 +21,27 @@ def py(code: str, env: dict) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_hook_sets_ext_trainer_in_fresh_interpreter():
-    from nnunet_moe._discovery import trainer_folder
+def installed_trainer_folder() -> str:
+    """The trainer folder of the *installed* package (a fresh interpreter, not this test process,
+    which may import the source tree)."""
+    proc = py("from nnunet_moe._discovery import trainer_folder; print(trainer_folder())",
+              clean_env(NNUNET_MOE_NO_AUTODISCOVERY="1"))
+    assert proc.returncode == 0, proc.stderr
+    folder = proc.stdout.strip()
+    assert os.path.isfile(os.path.join(folder, "nnunet_moe_trainers.py"))
+    return folder
 
+
+def test_hook_sets_ext_trainer_in_fresh_interpreter():
+    # The variable is set at start-up, before any import of ours, by the installed .pth hook.
     proc = py("import os; print(os.environ.get('nnUNet_extTrainer'))", clean_env())
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().split(os.pathsep) == [trainer_folder()]
+    assert proc.stdout.strip().split(os.pathsep) == [installed_trainer_folder()]
 
 
 def test_hook_keeps_user_entries_first_and_can_be_disabled(tmp_path):
-    from nnunet_moe._discovery import trainer_folder
-
     proc = py("import os; print(os.environ.get('nnUNet_extTrainer'))", clean_env(nnUNet_extTrainer=str(tmp_path)))
-    assert proc.stdout.strip().split(os.pathsep) == [str(tmp_path), trainer_folder()]
+    assert proc.stdout.strip().split(os.pathsep) == [str(tmp_path), installed_trainer_folder()]
     proc = py("import os; print(os.environ.get('nnUNet_extTrainer'))", clean_env(NNUNET_MOE_NO_AUTODISCOVERY="1"))
     assert proc.stdout.strip() == "None"
 
@@ -111,7 +119,6 @@ def test_console_command_list_and_env():
         assert info.name in proc.stdout
     assert "<Trainer>_<E>epochs" in proc.stdout
     proc = subprocess.run([exe, "env"], env=clean_env(), capture_output=True, text=True, timeout=300)
-    from nnunet_moe._discovery import trainer_folder
-
-    assert f'export nnUNet_extTrainer="{trainer_folder()}' in proc.stdout
+    assert f'export nnUNet_extTrainer="{installed_trainer_folder()}' in proc.stdout
+    assert "nothing to do" in proc.stdout  # the start-up hook is active
     assert "nnUNet_raw is not set" in proc.stdout
