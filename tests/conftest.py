@@ -89,3 +89,39 @@ def assert_same_geometry(pred_dir: str, images_dir: str, cases: list) -> None:
         assert seg.GetDirection() == pytest.approx(img.GetDirection()), case
         values = set(sitk.GetArrayViewFromImage(seg).ravel().tolist())
         assert values <= {0, 1, 2}, (case, values)
+
+
+def train_killed_then_resumed(nnunet_env: dict, trainer: str, configuration: str) -> dict:
+    """Stock ``nnUNetv2_train``, killed (SIGKILL) once its first ``checkpoint_latest.pth`` exists,
+    then the same command with ``--c`` to the end. Returns the checkpoint at the kill, the final
+    checkpoint and the resumed run's output. The trainer must have >= 2 epochs (short schedules
+    save ``checkpoint_latest.pth`` after every epoch)."""
+    import signal
+    import time
+
+    import torch
+
+    env, ds = nnunet_env["train_env"], nnunet_env["dataset"]
+    fold_dir = os.path.join(env["nnUNet_results"], ds.name, f"{trainer}__nnUNetPlans__{configuration}", "fold_0")
+    latest = os.path.join(fold_dir, "checkpoint_latest.pth")
+    cmd = [nnunet_cmd("nnUNetv2_train"), "501", configuration, "0", "-tr", trainer, "-device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 1200
+        while not os.path.isfile(latest) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        size = -1
+        while proc.poll() is None and os.path.isfile(latest) and os.path.getsize(latest) != size:
+            size = os.path.getsize(latest)  # torch.save still writing: wait until the size is stable
+            time.sleep(0.5)
+        assert proc.poll() is None, f"{trainer} ended (code {proc.returncode}) before it could be interrupted"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth"))
+    at_kill = torch.load(latest, map_location="cpu", weights_only=False)
+    resumed = run(cmd + ["--c"], env=env)
+    final = torch.load(os.path.join(fold_dir, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    return {"fold_dir": fold_dir, "at_kill": at_kill, "final": final, "resumed_log": resumed.stdout}
