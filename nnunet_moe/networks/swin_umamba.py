@@ -179,6 +179,13 @@ def _set_ds(module: nn.Module, enabled: bool) -> None:
 class _DeepSupervisionMixin:
     """``network.deep_supervision`` mirrors ``network.decoder.deep_supervision`` (nnU-Net's toggle)."""
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """(B, C, *spatial) with every spatial size divisible by ``total_downsampling``, else a clear error."""
+        name = type(self).__name__
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f"{name}(spatial_dims={self.spatial_dims}) expects (B, C, *spatial), got {tuple(x.shape)}")
+        check_spatial_shape(x.shape[2:], self.total_downsampling, name)
+
     @property
     def deep_supervision(self) -> bool:
         return self.decoder.deep_supervision
@@ -267,11 +274,6 @@ class SwinUMamba(_DeepSupervisionMixin, nn.Module):
         # dynamic_network_architectures-style keys for weight transfer
         self.key_to_encoder, self.key_to_stem, self.keys_to_in_proj = "encoder", "stem", ("stem.0", "decoder.skips.0")
 
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != self.spatial_dims + 2:
-            raise ValueError(f"SwinUMamba(spatial_dims={self.spatial_dims}) expects (B, C, *spatial), got {tuple(x.shape)}")
-        check_spatial_shape(x.shape[2:], self.total_downsampling, "SwinUMamba")
-
     def forward(self, x: torch.Tensor):
         self.check_input(x)
         stem = self.stem(x)
@@ -340,11 +342,6 @@ class SwinUMambaD(_DeepSupervisionMixin, nn.Module):
                                    deep_supervision, d_state=d_state, scan_backend=scan_backend)
         self.key_to_encoder, self.key_to_stem = "encoder", "encoder.patch_embed"
         self.keys_to_in_proj = ("encoder.patch_embed.proj",)
-
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != self.spatial_dims + 2:
-            raise ValueError(f"SwinUMambaD(spatial_dims={self.spatial_dims}) expects (B, C, *spatial), got {tuple(x.shape)}")
-        check_spatial_shape(x.shape[2:], self.total_downsampling, "SwinUMambaD")
 
     def forward(self, x: torch.Tensor):
         self.check_input(x)
