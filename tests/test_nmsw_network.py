@@ -106,11 +106,32 @@ def test_predict_full_size_finite_without_sliding_window():
     logits = model.predict(volume)
     assert logits.shape == (NUM_CLASSES, 24, 20, 16)
     assert torch.isfinite(logits).all()
-    assert calls == [3]  # one local pass over K=3 patches, not the 60-cell sliding window
+    assert calls == [1, 1, 1]  # K=3 single-patch local passes (local_batch_size 1), not the 60-cell window
     assert model.training  # mode restored
     batched = model.predict(volume[None].expand(2, -1, -1, -1, -1))
     assert batched.shape == (2, NUM_CLASSES, 24, 20, 16)
     assert torch.allclose(batched[0], logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("local_batch_size,expected_calls", [(1, [1] * 5), (2, [2, 2, 1]), (8, [5])])
+def test_predict_streams_patches_in_chunks_with_the_same_result(local_batch_size, expected_calls):
+    """Memory at inference is bounded by ``local_batch_size`` patches; the chunked accumulation equals
+    the all-at-once forward pass (eval mode, deterministic top-K) for any chunk size."""
+    model = make_model(k_infer=5, infer_only_foreground=False, mask_background=False,
+                       local_batch_size=local_batch_size).eval()
+    calls = []
+    model.local_net.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    volume = torch.randn(1, 24, 20, 16)
+    logits = model.predict(volume)
+    assert calls == expected_calls
+    with torch.no_grad():
+        reference = model(volume[None], k=5).logits[0]  # all K patches in one local call
+    assert torch.allclose(logits, reference, atol=1e-5)
+
+
+def test_local_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="local_batch_size must be a positive integer, got 0"):
+        make_model(local_batch_size=0)
 
 
 def test_predict_on_all_cells_with_local_blend_equals_sliding_window():

@@ -99,7 +99,8 @@ def test_build_network_architecture_is_nmsw_of_the_planned_cnn(trainer):
     assert isinstance(net.global_net, PlainConvUNet) and isinstance(net.local_net, PlainConvUNet)
     # deep supervision off in both nets even though nnU-Net asked for it (True above)
     assert net.global_net.decoder.deep_supervision is False and net.local_net.decoder.deep_supervision is False
-    assert net.patch_size == (8, 8, 8) and net.global_input_size == (8, 8, 8)
+    # global input: full size (20, 16, 12) / 3 rounded up to the CNN's stride 2 (paper: x3 downsampling)
+    assert net.patch_size == (8, 8, 8) and net.global_input_size == (8, 6, 4)
     assert (net.topk.k, net.topk.k_random, net.k_infer) == (3, 1, 5)
     assert trainer.enable_deep_supervision is False and trainer._get_deep_supervision_scales() is None
     # the two nets are separate modules with identical architecture
@@ -250,14 +251,14 @@ def test_override_dispatches_nmsw_network_to_predict(monkeypatch):
     monkeypatch.setenv(K_ENV, "3")
     logits = predictor.predict_sliding_window_return_logits(volume)
     assert CALLS["nmsw"] == before + 1
-    assert network.local_net.batches == [3]  # exactly K local patches in one pass, nothing else
+    assert network.local_net.batches == [1, 1, 1]  # exactly K local patches, one per pass, nothing else
     assert logits.shape == (NUM_CLASSES, 20, 16, 12) and torch.isfinite(logits).all()
     assert torch.allclose(logits, network.predict(volume, k=3))
     # K larger than the grid is clamped to it
     monkeypatch.setenv(K_ENV, "1000")
     network.local_net.batches.clear()
     assert torch.isfinite(predictor.predict_sliding_window_return_logits(volume)).all()
-    assert network.local_net.batches == [24]
+    assert network.local_net.batches == [1] * 24
     monkeypatch.setenv(K_ENV, "0")
     with pytest.raises(ValueError, match=K_ENV):
         predictor.predict_sliding_window_return_logits(volume)
@@ -353,3 +354,24 @@ def test_plain_checkpoint_under_nmsw_trainer_is_a_clear_error(trainer, tmp_path)
     before = CALLS["nmsw"]
     logits = predictor.predict_logits_from_preprocessed_data(torch.randn(1, 20, 16, 12))
     assert logits.shape == (NUM_CLASSES, 20, 16, 12) and CALLS["nmsw"] == before + 1
+
+
+@pytest.mark.parametrize("size,factor,divisor,expected", [
+    ((320, 320, 320), 3, (32, 32, 32), (128, 128, 128)),  # paper: 128^3 patches, x3 global downsampling
+    ((40, 56, 40), 3, (8, 8, 8), (16, 24, 16)),  # hippocampus plans
+    ((10, 10, 10), 3, (16, 16, 16), (16, 16, 16)),  # never below one stride
+    ((20, 16, 12), 3, None, (7, 6, 4)),
+])
+def test_global_input_size_is_full_size_over_three_rounded_to_the_stride(size, factor, divisor, expected):
+    from nnunet_moe.networks.nmsw import downsampled_size
+
+    assert downsampled_size(size, factor, divisor) == expected
+
+
+def test_global_input_size_class_attribute_overrides_the_rule(tmp_path, monkeypatch):
+    class Fixed(nnUNetTrainerNMSW):
+        global_input_size = (8, 8, 8)
+
+    trainer = make_trainer(Fixed, "3d_fullres", tmp_path, monkeypatch, plans=tiny_plans())
+    net = Fixed.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, NUM_CLASSES, True)
+    assert net.global_input_size == (8, 8, 8)

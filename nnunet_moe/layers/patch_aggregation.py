@@ -41,7 +41,7 @@ patch size). Output: ``(B, C, *spatial)``.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
@@ -119,8 +119,13 @@ class PatchAggregation(nn.Module):
         return 1.0 - self.global_weight
 
     def accumulate(self, local_logits: torch.Tensor, patch_slices: Sequence[Sequence[Tuple[slice, ...]]],
-                   spatial_shape: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Gaussian-weighted sums: ``(local_sum (B, C, *spatial), weight_sum (B, 1, *spatial))``."""
+                   spatial_shape: Sequence[int],
+                   sums: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Gaussian-weighted sums: ``(local_sum (B, C, *spatial), weight_sum (B, 1, *spatial))``.
+
+        ``sums``: accumulators from an earlier call to add into (inference streams the patches in
+        chunks so that only a few local outputs are alive at a time); new zeros when ``None``.
+        """
         if local_logits.ndim != 3 + len(self.patch_size):
             raise ValueError(f"local_logits must have shape (B, K, C, *{self.patch_size}), got "
                              f"{tuple(local_logits.shape)}")
@@ -133,8 +138,15 @@ class PatchAggregation(nn.Module):
                              f"{[len(s) for s in patch_slices]}")
         spatial_shape = tuple(int(s) for s in spatial_shape)
         device = local_logits.device
-        local_sum = torch.zeros((batch, channels, *spatial_shape), dtype=self.accumulation_dtype, device=device)
-        weight_sum = torch.zeros((batch, 1, *spatial_shape), dtype=self.accumulation_dtype, device=device)
+        if sums is None:
+            local_sum = torch.zeros((batch, channels, *spatial_shape), dtype=self.accumulation_dtype, device=device)
+            weight_sum = torch.zeros((batch, 1, *spatial_shape), dtype=self.accumulation_dtype, device=device)
+        else:
+            local_sum, weight_sum = sums
+            if tuple(local_sum.shape) != (batch, channels, *spatial_shape) or \
+                    tuple(weight_sum.shape) != (batch, 1, *spatial_shape):
+                raise ValueError(f"accumulators of shape {tuple(local_sum.shape)} / {tuple(weight_sum.shape)} do not "
+                                 f"match (B={batch}, C={channels}, *{spatial_shape})")
         gaussian = self.gaussian.to(device)
         for b in range(batch):
             for k, slices in enumerate(patch_slices[b]):
@@ -165,7 +177,12 @@ class PatchAggregation(nn.Module):
                              f"{tuple(local_logits.shape)}")
         if self.blend == "global" or local_logits.shape[1] == 0:
             return global_logits
-        local_sum, weight_sum = self.accumulate(local_logits, patch_slices, global_logits.shape[2:])
+        return self.blend_sums(global_logits, *self.accumulate(local_logits, patch_slices, global_logits.shape[2:]))
+
+    def blend_sums(self, global_logits: torch.Tensor, local_sum: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
+        """Blend ``global_logits (B, C, *spatial)`` with accumulated patch sums (see :meth:`accumulate`)."""
+        if self.blend == "global":
+            return global_logits
         covered = weight_sum > 0
         # Dividing by 1 where nothing is covered keeps values and gradients finite there.
         local_avg = torch.div(local_sum, torch.where(covered, weight_sum, torch.ones_like(weight_sum)))

@@ -68,6 +68,7 @@ all N candidate patches would need every patch cropped); the softmax spreads it 
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -80,7 +81,7 @@ from nnunet_moe.layers.patch_aggregation import PatchAggregation
 from nnunet_moe.layers.patch_grid import PatchGrid, box_sums, pad_to_patch_size
 
 __all__ = ["NMSWNet", "NMSWOutput", "ObjectnessHead", "selection_entropy", "build_default_nmsw_from_plans",
-           "ENTROPY_WEIGHT", "first_output"]
+           "ENTROPY_WEIGHT", "first_output", "stride_divisor", "downsampled_size"]
 
 ENTROPY_WEIGHT = 1e-4  # paper (the authors' code uses 1e-5)
 
@@ -188,6 +189,9 @@ class NMSWNet(nn.Module):
     noise_at_eval: add Gumbel noise in eval mode (the authors' code does; default deterministic).
     straight_through: ``"standard"`` or ``"scaled"`` (paper's ``hard * soft``), see ``gumbel_topk``.
     objectness_hidden: channels of the objectness head.
+    local_batch_size: patches per local-network call in :meth:`predict` (1 = nnU-Net's sliding-window
+        batch); the K patch outputs are accumulated as they come, so memory does not grow with K.
+        Training runs all K patches of the batch in one call (the loss needs them all).
     """
 
     def __init__(self, global_net: nn.Module, local_net: nn.Module, num_classes: int, in_channels: int,
@@ -195,7 +199,7 @@ class NMSWNet(nn.Module):
                  k_infer: int = 5, tau: float = 2.0 / 3.0, overlap: float = 0.5, blend: str = "learned",
                  init_global_weight: float = 0.5, mask_background: bool = True, background_penalty: float = 1e4,
                  infer_only_foreground: bool = True, noise_at_eval: bool = False,
-                 straight_through: str = "standard", objectness_hidden: int = 16) -> None:
+                 straight_through: str = "standard", objectness_hidden: int = 16, local_batch_size: int = 1) -> None:
         super().__init__()
         self.patch_size = tuple(int(p) for p in patch_size)
         self.global_input_size = tuple(int(s) for s in global_input_size)
@@ -216,6 +220,8 @@ class NMSWNet(nn.Module):
             raise ValueError(f"overlap must lie in [0, 1), got {overlap!r} (step size = 1 - overlap)")
         if int(k_infer) != k_infer or k_infer <= 0:
             raise ValueError(f"k_infer must be a positive integer, got {k_infer!r}")
+        if int(local_batch_size) != local_batch_size or local_batch_size < 1:
+            raise ValueError(f"local_batch_size must be a positive integer, got {local_batch_size!r}")
         if not float(background_penalty) >= 0:
             raise ValueError(f"background_penalty must be >= 0, got {background_penalty!r}")
         self.global_net = global_net
@@ -228,6 +234,7 @@ class NMSWNet(nn.Module):
         self.mask_background = bool(mask_background)
         self.background_penalty = float(background_penalty)
         self.infer_only_foreground = bool(infer_only_foreground)
+        self.local_batch_size = int(local_batch_size)
         self.objectness_head = ObjectnessHead(self.num_classes, self.in_channels, ndim, objectness_hidden)
         self.topk = GumbelTopK(k_train, k_random, tau, k_eval=k_infer, noise_at_eval=noise_at_eval,
                                straight_through=straight_through)
@@ -346,6 +353,23 @@ class NMSWNet(nn.Module):
                           objectness=stage.objectness, selection_probs=torch.softmax(stage.objectness, dim=-1),
                           foreground_cells=stage.foreground_cells, grid=grid, pad_slicer=stage.pad_slicer)
 
+    def _streamed_local_logits(self, stage: _GlobalStage, cells: Sequence[int]) -> torch.Tensor:
+        """Inference for one volume: the local net on ``cells`` in chunks of ``local_batch_size``, each
+        chunk added into the aggregation sums at once (same result as :meth:`_local_stage`)."""
+        grid, sums = stage.grid, None
+        spatial = tuple(stage.x_padded.shape[2:])
+        for start in range(0, len(cells), self.local_batch_size):
+            slices = [grid.cell_slices(i) for i in cells[start:start + self.local_batch_size]]
+            crops = torch.stack([stage.x_padded[(0, slice(None), *s)] for s in slices])
+            local = first_output(self.local_net(crops))
+            expected = (len(slices), self.num_classes, *self.patch_size)
+            if tuple(local.shape) != expected:
+                raise ValueError(f"local_net returned shape {tuple(local.shape)}, expected {expected}")
+            sums = self.aggregation.accumulate(local[None], [slices], spatial, sums)
+            del local, crops
+        aggregated = self.aggregation.blend_sums(stage.global_padded, *sums)
+        return aggregated[(slice(None), slice(None), *stage.pad_slicer)]
+
     # ------------------------------------------------------------------ public
     def forward(self, x_high: torch.Tensor, x_low: Optional[torch.Tensor] = None, k: Optional[int] = None,
                 k_random: Optional[int] = None) -> NMSWOutput:
@@ -379,14 +403,15 @@ class NMSWNet(nn.Module):
                     continue
                 selection = gumbel_topk(stage.objectness, k_here, self.topk.tau, 0, self.topk.noise_at_eval,
                                         self.topk.straight_through)
-                outputs.append(self._local_stage(stage, selection).logits)
+                outputs.append(self._streamed_local_logits(stage, selection.indices[0].tolist()))
         finally:
             self.train(was_training)
         logits = torch.cat(outputs)
         return logits[0] if single else logits
 
 
-def _stride_divisor(arch_kwargs: dict, ndim: int) -> Optional[Tuple[int, ...]]:
+def stride_divisor(arch_kwargs: dict, ndim: int) -> Optional[Tuple[int, ...]]:
+    """Total downsampling per axis of an nnU-Net CNN (product of its ``strides``); None if not given."""
     strides = arch_kwargs.get("strides")
     if strides is None:
         return None
@@ -395,6 +420,18 @@ def _stride_divisor(arch_kwargs: dict, ndim: int) -> Optional[Tuple[int, ...]]:
         s = [s] * ndim if isinstance(s, int) else list(s)
         total *= np.asarray(s, dtype=np.int64)
     return tuple(int(t) for t in total)
+
+
+def downsampled_size(size: Sequence[int], factor: float, divisor: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+    """``size / factor`` per axis, rounded up to a multiple of ``divisor`` (a network's total stride) and
+    at least ``divisor``: the paper's "whole volume downsampled x3" as a size a U-Net accepts.
+    E.g. ``(320, 320, 320)``, factor 3, divisor 32 -> ``(128, 128, 128)``."""
+    if not float(factor) > 0:
+        raise ValueError(f"downsampling factor must be > 0, got {factor!r}")
+    divisor = tuple(int(d) for d in divisor) if divisor is not None else (1,) * len(size)
+    if len(divisor) != len(size):
+        raise ValueError(f"divisor {divisor} and size {tuple(size)} need the same number of axes")
+    return tuple(int(d * max(1, math.ceil(float(n) / float(factor) / d))) for n, d in zip(size, divisor))
 
 
 def build_default_nmsw_from_plans(plans_manager, configuration_manager, dataset_json: dict,
@@ -419,7 +456,7 @@ def build_default_nmsw_from_plans(plans_manager, configuration_manager, dataset_
     patch_size = tuple(int(p) for p in configuration_manager.patch_size)
     global_input_size = patch_size if global_input_size is None else tuple(int(s) for s in global_input_size)
     arch_kwargs = configuration_manager.network_arch_init_kwargs
-    divisor = _stride_divisor(arch_kwargs, len(patch_size))
+    divisor = stride_divisor(arch_kwargs, len(patch_size))
     if divisor is not None and len(global_input_size) == len(divisor) and \
             any(s % d for s, d in zip(global_input_size, divisor)):
         raise ValueError(f"global_input_size {global_input_size} must be divisible by the architecture's total "

@@ -9,7 +9,8 @@ augmentation, checkpoints, final validation, export, evaluation -- is nnU-Net's)
 - network: NMSW-Net whose global and local networks are both the plans' CNN
   (``build_default_nmsw_from_plans``, deep supervision off); the local patch is the plans' patch
   size, the global input is the whole volume resized (trilinear, inside ``forward``) to
-  ``global_input_size`` (default: the plans' patch size). Training picks ``k_train=3`` Gumbel top-K
+  ``global_input_size`` (default: the full size below divided by ``global_downsampling = 3``, the
+  paper's factor, rounded up to the CNN's total stride; e.g. hippocampus 40x56x40 -> 16x24x16). Training picks ``k_train=3`` Gumbel top-K
   cells + ``k_random=1`` uniform cell per volume (paper: 3 + 1, the same number of patches as the
   baseline's batch of 4); validation/inference use the deterministic top-``K``. The local network
   can be swapped for another of our networks by overriding the classmethod
@@ -39,9 +40,8 @@ augmentation, checkpoints, final validation, export, evaluation -- is nnU-Net's)
   ``nnUNetv2_predict`` and in the final validation): the predictor runs NMSW (global pass + top-K
   local patches, ``NNUNET_MOE_NMSW_K``, default 5) instead of the sliding window for NMSW networks.
 
-Deviations: the paper trains with batch 1 volume at ~3x downsampling for the global input; here the
-global input is a fixed size (the plans' patch) so its downsampling factor follows the volume size.
-A volume that fits in one patch (e.g. the hippocampus demo: 36x50x36 vs patch 40x56x40) has a 1-cell
+Deviations: the global input is one fixed size (from the plans' median volume), so a volume much
+larger or smaller than the median is downsampled by more or less than 3x. A volume that fits in one patch (e.g. the hippocampus demo: 36x50x36 vs patch 40x56x40) has a 1-cell
 grid, so NMSW degenerates to "global + one local pass" there -- correct, but the efficiency gain
 needs volumes several patches large (see ``nnunet_moe.benchmark.nmsw_bench``).
 """
@@ -64,7 +64,7 @@ from torch import autocast
 
 from nnunet_moe.inference.nmsw_predictor import DEFAULT_K, install, register_nmsw_trainer
 from nnunet_moe.networks.nmsw import ENTROPY_WEIGHT, NMSWNet, NMSWOutput, build_default_nmsw_from_plans, \
-    selection_entropy
+    downsampled_size, selection_entropy, stride_divisor
 from nnunet_moe.training.base import nnUNetMoETrainerBase, unwrap_network
 
 install()  # nnUNetv2_predict / final validation: NMSW networks never take the sliding window
@@ -100,7 +100,8 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
     tau = 2.0 / 3.0
     overlap = 0.5
     full_size: Optional[Tuple[int, ...]] = None  # None: from the plans' median image size
-    global_input_size: Optional[Tuple[int, ...]] = None  # None: the plans' patch size
+    global_downsampling = 3.0  # paper (WORD): the global net sees the whole volume at 1/3 resolution
+    global_input_size: Optional[Tuple[int, ...]] = None  # None: full size / global_downsampling (see below)
     volumes_per_batch = 1
     dice_weight = 0.8
     ce_weight = 0.2
@@ -132,7 +133,8 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
         dataset_json = {"channel_names": {str(i): f"channel_{i}" for i in range(int(num_input_channels))},
                         "labels": {"background": 0, **{f"class_{i}": i for i in range(1, int(num_output_channels))}}}
         network = build_default_nmsw_from_plans(
-            plans_manager, configuration_manager, dataset_json, global_input_size=cls.global_input_size,
+            plans_manager, configuration_manager, dataset_json,
+            global_input_size=cls.nmsw_global_input_size(configuration_manager),
             k_train=cls.k_train, k_random=cls.k_random, k_infer=cls.k_infer, tau=cls.tau, overlap=cls.overlap)
         if network.in_channels != num_input_channels or network.num_classes != num_output_channels:
             raise ValueError(f"{cls.__name__}: NMSW network built with {network.in_channels} input channels and "
@@ -155,17 +157,33 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
         super()._set_batch_size_and_oversample()
         self.batch_size = int(self.volumes_per_batch)
 
+    @classmethod
+    def nmsw_global_input_size(cls, configuration_manager) -> Tuple[int, ...]:
+        """Global-network input: ``global_input_size`` if set, else the full size divided by
+        ``global_downsampling`` and rounded up to the CNN's total stride (``downsampled_size``)."""
+        if cls.global_input_size is not None:
+            return tuple(int(s) for s in cls.global_input_size)
+        patch = tuple(int(p) for p in configuration_manager.patch_size)
+        divisor = stride_divisor(configuration_manager.network_arch_init_kwargs, len(patch))
+        return downsampled_size(cls.full_size_from(configuration_manager), cls.global_downsampling, divisor)
+
     # ------------------------------------------------------------------ data
-    def nmsw_full_size(self) -> Tuple[int, ...]:
-        """Spatial size of every training/validation sample (see module docstring)."""
-        patch = tuple(int(p) for p in self.configuration_manager.patch_size)
-        if self.full_size is None:
-            return full_size_for(self.configuration_manager.median_image_size_in_voxels, patch, self.overlap)
-        full = tuple(int(s) for s in self.full_size)
+    @classmethod
+    def full_size_from(cls, configuration_manager, full_size: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+        """Spatial size of every training/validation sample (see module docstring); ``full_size``
+        (default: the class attribute) overrides the rule."""
+        patch = tuple(int(p) for p in configuration_manager.patch_size)
+        full_size = cls.full_size if full_size is None else full_size
+        if full_size is None:
+            return full_size_for(configuration_manager.median_image_size_in_voxels, patch, cls.overlap)
+        full = tuple(int(s) for s in full_size)
         if len(full) != len(patch) or any(f < p for f, p in zip(full, patch)):
-            raise ValueError(f"{type(self).__name__}.full_size {full} must have {len(patch)} axes, each at least the "
+            raise ValueError(f"{cls.__name__}.full_size {full} must have {len(patch)} axes, each at least the "
                              f"patch size {patch}")
         return full
+
+    def nmsw_full_size(self) -> Tuple[int, ...]:
+        return self.full_size_from(self.configuration_manager, self.full_size)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, dummy_2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()

@@ -1,4 +1,4 @@
-"""Short schedules for any trainer, by name: ``<Trainer>_<E>epochs[_<I>iters]``.
+"""Short schedules for any trainer, by name: ``<Trainer>_<E>epochs[_<I>iters][_bs<B>]``.
 
 nnU-Net's default (1000 epochs x 250 iterations) is out of reach on a CPU. nnU-Net itself
 ships fixed classes such as ``nnUNetTrainer_5epochs``; here the same idea is generalised
@@ -9,7 +9,10 @@ so that no code is needed per trainer. Asking nnU-Net for
 creates (on first attribute access of this module) a subclass of ``nnUNetTrainerSwinSMT``
 that trains 5 epochs of 20 iterations with ``max(1, 20 // 5)`` validation iterations per
 epoch, saving ``checkpoint_latest.pth`` after every epoch (so an interrupted short run
-resumes with ``--c``). ``_<I>iters`` is optional (then nnU-Net's 250/50 iterations stay). The base may be
+resumes with ``--c``). ``_<I>iters`` is optional (then nnU-Net's 250/50 iterations stay).
+``_bs<B>`` (optional) trains with batch size ``B`` instead of the plans' (nnU-Net plans large
+2D batches, e.g. 59 slices for hippocampus, that are slow on a CPU); without it the plans'
+batch size is used. With DDP the plans' batch size is kept. The base may be
 any of our trainers or any trainer shipped with nnU-Net (``nnUNetTrainer_3epochs_10iters``).
 Everything else - optimiser, learning-rate schedule (it decays over the shorter run),
 augmentation, loss - is the base trainer's.
@@ -26,20 +29,22 @@ import re
 
 import torch
 
-_NAME = re.compile(r"^(?P<base>\w+?)_(?P<epochs>\d+)epochs?(?:_(?P<iters>\d+)iters?)?$")
+_NAME = re.compile(r"^(?P<base>\w+?)_(?P<epochs>\d+)epochs?(?:_(?P<iters>\d+)iters?)?(?:_bs(?P<bs>\d+))?$")
 _CACHE: dict = {}
 
 
 def parse_short_name(name: str):
-    """``'X_5epochs_20iters'`` -> ``('X', 5, 20)``; ``'X_5epochs'`` -> ``('X', 5, None)``; else None."""
+    """``'X_5epochs_20iters'`` -> ``('X', 5, 20, None)``; ``'X_5epochs'`` -> ``('X', 5, None, None)``;
+    ``'X_2epochs_4iters_bs2'`` -> ``('X', 2, 4, 2)``; else None."""
     m = _NAME.match(name)
     if m is None:
         return None
     epochs = int(m.group("epochs"))
     iters = int(m.group("iters")) if m.group("iters") else None
-    if epochs < 1 or (iters is not None and iters < 1):
-        raise ValueError(f"Trainer name {name!r}: epochs and iterations must be >= 1.")
-    return m.group("base"), epochs, iters
+    batch = int(m.group("bs")) if m.group("bs") else None
+    if epochs < 1 or (iters is not None and iters < 1) or (batch is not None and batch < 1):
+        raise ValueError(f"Trainer name {name!r}: epochs, iterations and batch size must be >= 1.")
+    return m.group("base"), epochs, iters, batch
 
 
 def resolve_base_trainer(name: str):
@@ -59,9 +64,11 @@ def resolve_base_trainer(name: str):
     )
 
 
-def short_schedule_trainer(base, epochs: int, iters: int | None = None):
-    """Subclass of ``base`` with ``epochs`` epochs of ``iters`` iterations (``None``: base's)."""
-    name = f"{base.__name__}_{epochs}epochs" + (f"_{iters}iters" if iters is not None else "")
+def short_schedule_trainer(base, epochs: int, iters: int | None = None, batch_size: int | None = None):
+    """Subclass of ``base`` with ``epochs`` epochs of ``iters`` iterations (``None``: base's) and
+    batch size ``batch_size`` (``None``: the plans')."""
+    name = (f"{base.__name__}_{epochs}epochs" + (f"_{iters}iters" if iters is not None else "")
+            + (f"_bs{batch_size}" if batch_size is not None else ""))
     if name in _CACHE:
         return _CACHE[name]
 
@@ -76,9 +83,15 @@ def short_schedule_trainer(base, epochs: int, iters: int | None = None):
             self.num_iterations_per_epoch = iters
             self.num_val_iterations_per_epoch = max(1, iters // 5)
 
-    cls = type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
-                               "__doc__": f"{base.__name__} with a short schedule: {epochs} epochs"
-                                          + (f" of {iters} iterations." if iters else ".")})
+    def _set_batch_size_and_oversample(self):
+        base._set_batch_size_and_oversample(self)
+        if batch_size is not None and not self.is_ddp:
+            self.batch_size = batch_size
+
+    doc = (f"{base.__name__} with a short schedule: {epochs} epochs" + (f" of {iters} iterations" if iters else "")
+           + (f", batch size {batch_size}." if batch_size else "."))
+    cls = type(name, (base,), {"__init__": __init__, "_set_batch_size_and_oversample": _set_batch_size_and_oversample,
+                               "__module__": __name__, "__qualname__": name, "__doc__": doc})
     _CACHE[name] = cls
     return cls
 
@@ -87,7 +100,7 @@ def __getattr__(name: str):
     parsed = parse_short_name(name) if not name.startswith("__") else None
     if parsed is None:
         raise AttributeError(name)
-    base_name, epochs, iters = parsed
+    base_name, epochs, iters, batch = parsed
     base = resolve_base_trainer(base_name)
     if base is None:
         raise AttributeError(name)
@@ -95,4 +108,4 @@ def __getattr__(name: str):
 
     if not issubclass(base, nnUNetTrainer):
         raise AttributeError(name)
-    return short_schedule_trainer(base, epochs, iters)
+    return short_schedule_trainer(base, epochs, iters, batch)
