@@ -48,7 +48,7 @@ def nnunet_env(tmp_path_factory):
             os.environ.pop("nnUNet_raw")
         else:
             os.environ["nnUNet_raw"] = old["nnUNet_raw"]
-    run([nnunet_cmd("nnUNetv2_plan_and_preprocess"), "-d", "501", "-c", "3d_fullres", "-np", "2",
+    run([nnunet_cmd("nnUNetv2_plan_and_preprocess"), "-d", "501", "-c", "3d_fullres", "2d", "-np", "2",
          "--verify_dataset_integrity"], env=env)
     train_env = dict(env, nnUNet_compile="f", nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
     return {"env": env, "train_env": train_env, "dataset": ds, "root": root}
