@@ -109,7 +109,8 @@ def plan_in_temp_dir(cases: List[Case], work: str) -> str:
             raise ValueError("the self-contained mode plans with nnU-Net and needs --labels")
         os.symlink(case.image_files[0], os.path.join(raw, "imagesTr", f"{case.name}_0000.nii.gz"))
         os.symlink(case.label_file, os.path.join(raw, "labelsTr", f"{case.name}.nii.gz"))
-        max_label = max(max_label, int(sitk.GetArrayViewFromImage(sitk.ReadImage(case.label_file)).max()))
+        # GetArrayFromImage, not ...View...: a view of a temporary image dangles once it is freed (segfault)
+        max_label = max(max_label, int(sitk.GetArrayFromImage(sitk.ReadImage(case.label_file)).max()))
     labels = {"background": 0, **{f"label_{i}": i for i in range(1, max_label + 1)}}
     with open(os.path.join(raw, "dataset.json"), "w") as f:
         json.dump({"channel_names": {"0": "image"}, "labels": labels, "numTraining": len(cases),
