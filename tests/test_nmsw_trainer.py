@@ -139,6 +139,9 @@ def test_local_network_hook(tmp_path, monkeypatch):
     out = net.train()(torch.randn(1, 1, 16, 16, 8))
     assert out.local_logits.shape == (1, 4, NUM_CLASSES, 8, 8, 8)
     assert nmsw_predictor.is_nmsw_trainer_name("WithTinyLocal_2epochs_10iters")  # subclasses register themselves
+    # every short-schedule name of an NMSW trainer, batch-size suffix included, is recognised
+    assert nmsw_predictor.is_nmsw_trainer_name("nnUNetTrainerNMSW_2epochs_4iters_bs2")
+    assert not nmsw_predictor.is_nmsw_trainer_name("nnUNetTrainer_2epochs_4iters_bs2")
 
 
 def test_full_size_rounds_median_up_to_the_patch_grid():

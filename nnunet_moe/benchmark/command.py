@@ -135,9 +135,6 @@ class SlidingWindowMode(InferenceMode):
             predictor.network, predictor.list_of_parameters = saved
 
 
-_nmsw_installed = False
-
-
 class NMSWMode(InferenceMode):
     name = "nmsw"
     description = "NMSW-Net top-K patch inference (no sliding window)"
@@ -154,12 +151,9 @@ class NMSWMode(InferenceMode):
 
     @contextlib.contextmanager
     def active(self, predictor, options):
-        global _nmsw_installed
         from nnunet_moe.inference import nmsw_predictor
 
-        if not _nmsw_installed:  # one patch of nnUNetPredictor per process
-            nmsw_predictor.install()
-            _nmsw_installed = True
+        nmsw_predictor.install()  # patches nnUNetPredictor once per process; later calls change nothing
         previous_k = os.environ.get(NMSW_K_ENV)
         if options.nmsw_k is not None:
             os.environ[NMSW_K_ENV] = str(options.nmsw_k)

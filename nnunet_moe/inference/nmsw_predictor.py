@@ -57,13 +57,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from collections import Counter
 from typing import Optional, Tuple
 
 import torch
 
 from nnunet_moe.networks.nmsw import NMSWNet
+from nnunet_moe.networks.unwrap import unwrap_network
 
 __all__ = ["install", "is_installed", "nmsw_k_from_env", "test_noise_from_env", "tta_from_env", "predict_with_nmsw",
            "register_nmsw_trainer", "is_nmsw_trainer_name", "unwrap", "K_ENV", "NOISE_ENV", "TTA_ENV", "DEFAULT_K",
@@ -77,7 +77,6 @@ LOG_PREFIX = "nnunet-moe NMSW:"
 
 CALLS: Counter = Counter()  # "nmsw" / "sliding_window" calls of predict_sliding_window_return_logits
 _NMSW_TRAINER_NAMES: set = set()
-_SHORT_SUFFIX = re.compile(r"_\d+epochs?(?:_\d+iters?)?$")
 
 
 def register_nmsw_trainer(name: str) -> None:
@@ -86,19 +85,20 @@ def register_nmsw_trainer(name: str) -> None:
 
 
 def is_nmsw_trainer_name(name: str) -> bool:
-    """True for a registered NMSW trainer name, also with a short-schedule suffix ``_<E>epochs[_<I>iters]``."""
-    return name in _NMSW_TRAINER_NAMES or _SHORT_SUFFIX.sub("", name) in _NMSW_TRAINER_NAMES
+    """True for a registered NMSW trainer name, also with a short-schedule suffix
+    ``_<E>epochs[_<I>iters][_bs<B>]`` (the grammar of :func:`~nnunet_moe.training.short_schedule.parse_short_name`)."""
+    from nnunet_moe.training.short_schedule import parse_short_name
+
+    if name in _NMSW_TRAINER_NAMES:
+        return True
+    try:
+        parsed = parse_short_name(name)
+    except ValueError:  # e.g. "_0epochs": not a trainer nnU-Net could have run
+        return False
+    return parsed is not None and parsed[0] in _NMSW_TRAINER_NAMES
 
 
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The plain module behind DDP and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(network, torch.nn.parallel.DistributedDataParallel):
-            network = network.module
-        elif hasattr(network, "_orig_mod"):
-            network = network._orig_mod
-        else:
-            return network
+unwrap = unwrap_network  # the plain module behind DDP and torch.compile wrappers
 
 
 def nmsw_k_from_env(default: int = DEFAULT_K) -> int:
