@@ -38,9 +38,14 @@ The chunk-end states then obey a short recurrence ``s_c = exp(S_T^c) s_{c-1} + c
 with ``log2(L / T)`` vectorised steps). It multiplies decays only, so it is stable too.
 
 Cost: ``O(B * D_in * N * L)`` work and memory (about ten passes over a ``(B, D_in, N, L)`` tensor;
-no ``(L x L)`` or ``(T x T)`` tensors). Gradients come from autograd through these operations.
-Without autograd the two full-size tensors are written in place into two per-thread scratch buffers
-that are kept between calls (up to ``WORKSPACE_CACHE_LIMIT_BYTES`` each; :func:`clear_workspace`).
+no ``(L x L)`` or ``(T x T)`` tensors). The full-size tensors are written in place into two per-thread
+scratch buffers that are kept between calls (up to ``WORKSPACE_CACHE_LIMIT_BYTES`` each;
+:func:`clear_workspace`): fresh 50 MB allocations cost more than the arithmetic on CPU.
+
+Gradients: a hand-written backward (:class:`_ChunkedScan`) instead of autograd through the chunked
+forward. It keeps one full-size tensor (the states) and runs the adjoint recurrence with the same
+chunked scan on the reversed sequence, then forms the input gradients with a few contractions;
+autograd would keep about ten full-size tensors and replay every operation (measured figures: README).
 
 Backends
 --------
@@ -150,18 +155,8 @@ def _chunk_recurrence(decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor
     """
     n = inputs.shape[-1]
     if n <= _SEQUENTIAL_CHUNK_LIMIT:
-        if torch.is_grad_enabled() and (decay.requires_grad or inputs.requires_grad):
-            # unbind, not indexing: its backward is one stack instead of a zero-filled full-size
-            # gradient per selected chunk
-            decays, chunk_inputs = decay.unbind(-1), inputs.unbind(-1)
-            state = chunk_inputs[0]
-            states = [state]
-            for c in range(1, n):
-                state = torch.addcmul(chunk_inputs[c], decays[c], state)
-                states.append(state)
-            return torch.stack(states, -1)
-        # no autograd: one fused op per chunk, written straight into a chunk-major output
-        decay_t, inputs_t = decay.movedim(-1, 0), inputs.movedim(-1, 0)
+        # chunk-major and contiguous, so that each step is one fused op on a contiguous slice
+        decay_t, inputs_t = decay.movedim(-1, 0).contiguous(), inputs.movedim(-1, 0).contiguous()
         out = torch.empty_like(inputs_t)
         out[0] = inputs_t[0]
         for c in range(1, n):
@@ -203,51 +198,117 @@ def _chunk_layout(delta5: torch.Tensor, abs_a_max: torch.Tensor, chunk_size: int
     return chunk, pad, d.sum(-1), rel
 
 
-def _scan_outputs(delta5, a5, du5, b_mat, c_mat, chunk_size: int):
-    """Outputs ``y`` and the last state of ``h_l = exp(delta_l A) h_{l-1} + du_l B_l``, ``y_l = <C_l, h_l>``.
+def _chunk_states(delta5, a5, du5, b_mat, chunk_size: int, h0=None, scratch: bool = False):
+    """All states of ``h_l = exp(delta_l A) h_{l-1} + du_l B_l`` (``h_{-1} = h0``, default 0), chunk by chunk.
 
-    Grouped 5-D layout: ``delta5, du5: (Bt, G, Dg, 1, L)`` (``du = delta * u``), ``a5: (1, G, Dg, N, 1)``,
-    ``b_mat, c_mat: (Bt, G, 1, N, L)`` or ``(1, G, Dg, N, 1)``. Returns ``y (Bt, G, Dg, L)`` and
-    ``last (Bt, G, Dg, N)``. Without autograd the two full-size tensors live in reused scratch buffers
-    and are updated in place (fresh 50 MB allocations cost more than the arithmetic on CPU).
+    Grouped 5-D layout: ``delta5, du5: (Bt, G, Dg, 1, L)``, ``a5: (1, G, Dg, N, 1)``, ``b_mat: (Bt, G, 1, N, L)``
+    or time-invariant ``(1, G, Dg, N, 1)``, ``h0: (Bt, G, Dg, N)``. Returns ``h (Bt, G, Dg, N, n_chunks, T)``
+    (positions past ``L`` are padding: zero delta and input, so they repeat the last state) and the last
+    state ``(Bt, G, Dg, N)``. ``scratch`` writes ``h`` into the reused per-thread buffers (callers that keep
+    ``h`` beyond the next scan must pass False).
     """
-    length = delta5.shape[-1]
     limit = _LOG_LIMIT.get(delta5.dtype, 60.0)
-    abs_a_max = a5.detach().abs().amax(dim=-2, keepdim=True)  # (1, G, Dg, 1, 1)
+    abs_a_max = a5.abs().amax(dim=-2, keepdim=True)  # (1, G, Dg, 1, 1)
     chunk, pad, chunk_total, rel = _chunk_layout(delta5, abs_a_max, chunk_size, limit)
     n_chunks = rel.shape[-2]
-    tracked = (delta5, a5, du5, b_mat, c_mat)
-    inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in tracked))
-
-    def chunked(t):  # (..., L) -> (..., n_chunks, chunk); time-invariant (..., 1) broadcasts
-        if t.shape[-1] == 1:
-            return t.unsqueeze(-1)
-        t = F.pad(t, (0, pad)) if pad else t
-        return t.reshape(*t.shape[:-1], n_chunks, chunk)
-
     full_shape = torch.broadcast_shapes(a5.unsqueeze(-1).shape, rel.shape)  # (Bt, G, Dg, N, nc, T)
-    if inplace:
-        buf_e, buf_w = _workspace(math.prod(full_shape), rel.dtype, rel.device)
-        e_fwd = torch.mul(a5.unsqueeze(-1), rel, out=buf_e.view(full_shape)).exp_()  # exp(S_{l+1} - S_T)
-        # exp(S_T - S_{k+1}) * delta_k u_k * B_k, scaled to the chunk end (<= |b| for decays)
-        weighted = torch.div(chunked(du5), e_fwd, out=buf_w.view(full_shape)).mul_(chunked(b_mat))
-        cum = weighted.cumsum_(-1)
-    else:
-        e_fwd = torch.exp(a5.unsqueeze(-1) * rel)
-        cum = (chunked(du5) / e_fwd * chunked(b_mat)).cumsum(-1)
-
-    chunk_decay = torch.exp(a5 * chunk_total)                 # (Bt, G, Dg, N, nc) = exp(S_T)
-    chunk_end_states = _chunk_recurrence(chunk_decay, cum[..., -1].clone())  # state after each chunk
-    carried = (F.pad(chunk_end_states[..., :-1], (1, 0)) * chunk_decay).unsqueeze(-1)  # exp(S_T) h_init
-    c_chunks = chunked(c_mat)
-    if inplace:
-        weighted_out = cum.add_(carried).mul_(e_fwd).mul_(c_chunks)
-    else:
-        weighted_out = (cum + carried) * e_fwd * c_chunks
-    y = weighted_out.sum(-3)                                  # contract the state dim N
-    y = y.reshape(*y.shape[:-2], n_chunks * chunk)
+    buf_e, buf_h = (b.view(full_shape) for b in _workspace(math.prod(full_shape), rel.dtype, rel.device))
+    if not scratch:  # h is returned to be kept: its own memory (e stays temporary)
+        buf_h = torch.empty(full_shape, dtype=rel.dtype, device=rel.device)
+    # Fresh 50 MB tensors per operation cost more than the arithmetic on CPU: everything below writes
+    # into the two buffers in place.
+    e_fwd = torch.mul(a5.unsqueeze(-1), rel, out=buf_e).exp_()            # exp(S_{l+1} - S_T) >= 1
+    # exp(S_T - S_{k+1}) * du_k * B_k: each input scaled to the chunk end (<= |du B| for decays)
+    cum = torch.div(_chunked(du5, n_chunks, chunk, pad), e_fwd, out=buf_h)
+    cum.mul_(_chunked(b_mat, n_chunks, chunk, pad)).cumsum_(-1)
+    chunk_decay = torch.exp(a5 * chunk_total)                             # (Bt, G, Dg, N, nc) = exp(S_T)
+    chunk_inputs = cum[..., -1].clone()
+    if h0 is not None:
+        chunk_inputs[..., 0] += chunk_decay[..., 0] * h0
+    chunk_end_states = _chunk_recurrence(chunk_decay, chunk_inputs)       # state after each chunk
+    start_states = F.pad(chunk_end_states[..., :-1], (1, 0))
+    if h0 is not None:
+        start_states[..., 0] = h0
+    h = cum.add_((start_states * chunk_decay).unsqueeze(-1)).mul_(e_fwd)  # E_l * (exp(S_T) h_init + cum_l)
     # padded steps neither decay nor add, so the state after the last chunk is the state at L - 1
-    return y[..., :length], chunk_end_states[..., -1]
+    return h, chunk_end_states[..., -1]
+
+
+def _chunked(t: torch.Tensor, n_chunks: int, chunk: int, pad: int) -> torch.Tensor:
+    """``(..., L) -> (..., n_chunks, chunk)`` (zero-padded); time-invariant ``(..., 1)`` broadcasts."""
+    if t.shape[-1] == 1:
+        return t.unsqueeze(-1)
+    t = F.pad(t, (0, pad)) if pad else t
+    return t.reshape(*t.shape[:-1], n_chunks, chunk)
+
+
+def _unpadded(h: torch.Tensor, length: int) -> torch.Tensor:
+    """``(..., n_chunks, T) -> (..., L)`` view without the padding."""
+    return h.reshape(*h.shape[:-2], -1)[..., :length]
+
+
+def _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size: int, keep_states: bool):
+    """Forward of the scan: ``y (Bt, G, Dg, L)``, last state and (``keep_states``) all states ``h``, else None."""
+    length = delta5.shape[-1]
+    h, last = _chunk_states(delta5, a5, delta5 * u5, b_mat, chunk_size, scratch=not keep_states)
+    n_chunks, chunk = h.shape[-2:]
+    c_chunks = _chunked(c_mat, n_chunks, chunk, n_chunks * chunk - length)
+    product = torch.mul(h, c_chunks, out=_scratch_like(h)) if keep_states else h.mul_(c_chunks)
+    y = product.sum(-3)                                               # contract the state dim N
+    y = y.reshape(*y.shape[:-2], n_chunks * chunk)[..., :length]
+    return y, last, (h if keep_states else None)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """``y_l = <C_l, h_l>`` and ``h_{L-1}`` of the S6 recurrence, with a hand-written backward.
+
+    Autograd through the chunked forward keeps about ten full-size ``(B, D, N, L)`` tensors and replays
+    each operation; this backward keeps one (all states ``h``) and runs the adjoint recurrence
+    ``g_l = exp(delta_{l+1} A) g_{l+1} + C_l dy_l`` (``g_{L-1}`` also gets the last state's gradient) with
+    the same chunked scan on the reversed sequence. Then, with ``q_l = g_l * exp(delta_l A) h_{l-1}
+    = g_l * (h_l - delta_l u_l B_l)``::
+
+        dC_l = sum_d dy_l h_l      dB_l = sum_d g_l delta_l u_l      dA = sum_l q_l delta_l
+        du_l = delta_l sum_n g_l B_l      ddelta_l = u_l sum_n g_l B_l + sum_n q_l A
+
+    (sums over ``d`` stay within a group; time-invariant ``B`` / ``C`` also sum over batch and ``l``).
+    Layouts as in :func:`_chunk_states`; ``u5`` like ``delta5``; returns ``y (Bt, G, Dg, L)`` and the last
+    state ``(Bt, G, Dg, N)``.
+    """
+
+    @staticmethod
+    def forward(ctx, delta5, u5, a5, b_mat, c_mat, chunk_size):
+        y, last, h = _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size, keep_states=True)
+        ctx.save_for_backward(delta5, u5, a5, b_mat, c_mat, h)
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last):
+        delta5, u5, a5, b_mat, c_mat, h = ctx.saved_tensors
+        length = delta5.shape[-1]
+        h = _unpadded(h, length)                                               # (Bt, G, Dg, N, L)
+        if grad_y is None:
+            grad_y = delta5.new_zeros(delta5.shape[:-2] + (length,))
+        gy5 = grad_y.unsqueeze(-2)                                             # (Bt, G, Dg, 1, L)
+        # adjoint recurrence on the reversed sequence: step l' = L-1-l decays by exp(delta_{l+1} A)
+        delta_rev = F.pad(delta5.flip(-1)[..., :-1], (1, 0))
+        c_rev = c_mat.flip(-1) if c_mat.shape[-1] > 1 else c_mat
+        g_rev, _ = _chunk_states(delta_rev, a5, gy5.flip(-1), c_rev, ctx.chunk_size, h0=grad_last, scratch=True)
+        g = _unpadded(g_rev, length).flip(-1)                                  # (Bt, G, Dg, N, L)
+
+        # the reverse scan is done with the scratch buffers: products go there instead of fresh memory
+        du5 = delta5 * u5
+        grad_c = _sum_to(torch.mul(h, gy5, out=_scratch_like(g)), c_mat.shape)
+        grad_b = _sum_to(torch.mul(g, du5, out=_scratch_like(g)), b_mat.shape)
+        g_dot_b = torch.mul(g, b_mat, out=_scratch_like(g)).sum(-2, keepdim=True)   # (Bt, G, Dg, 1, L)
+        q = torch.addcmul(h, du5, b_mat, value=-1, out=_scratch_like(g)).mul_(g)   # g_l exp(delta_l A) h_{l-1}
+        a3 = a5[0, ..., 0]                                                          # (G, Dg, N)
+        grad_a = torch.einsum("bgdnl,bgdl->gdn", q, delta5.squeeze(-2)).reshape(a5.shape)
+        grad_delta = g_dot_b * u5 + torch.einsum("bgdnl,gdn->bgdl", q, a3).unsqueeze(-2)
+        grad_u = g_dot_b * delta5
+        return grad_delta, grad_u, grad_a, grad_b, grad_c, None
 
 
 _WORKSPACE = threading.local()
@@ -265,6 +326,16 @@ def _workspace(numel: int, dtype: torch.dtype, device: torch.device):
     keep = device.type == "cpu" and numel * buffers[0].element_size() <= WORKSPACE_CACHE_LIMIT_BYTES
     _WORKSPACE.buffers = buffers if keep else None
     return buffers
+
+
+def _scratch_like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of ``t``'s shape in the first scratch buffer (overwritten by the next use)."""
+    return _workspace(t.numel(), t.dtype, t.device)[0].view(t.shape)
+
+
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` summed over its broadcast dims down to ``shape``; always a new tensor (``t`` may be scratch)."""
+    return t.sum_to_size(shape) if t.shape != shape else t.clone()
 
 
 def clear_workspace() -> None:
@@ -310,7 +381,10 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     b_mat = _grouped(B.to(compute), groups, d_group, batch)
     c_mat = _grouped(C.to(compute), groups, d_group, batch)
 
-    y, last = _scan_outputs(delta5, a5, delta5 * u5, b_mat, c_mat, chunk_size)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (delta5, u5, a5, b_mat, c_mat)):
+        y, last = _ChunkedScan.apply(delta5, u5, a5, b_mat, c_mat, chunk_size)
+    else:
+        y, last, _ = _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size, keep_states=False)
     y = y.reshape(batch, d_in, length)
     out = y if D is None else y + u_c * D.to(compute)[:, None]
     if z is not None:
