@@ -121,6 +121,21 @@ def test_both_empty_conventions():
     assert all(math.isnan(v) for v in as_nan.values())
 
 
+def test_metric_subset_computes_only_what_is_asked():
+    prediction, reference = shifted_cubes()
+    empty = np.zeros_like(reference)
+    # labels: 1 overlapping, 2 absent from both; and a case where the prediction is empty
+    dice_only = case_metrics(prediction, reference, [1, 2], SPACING_3D, both_empty="nan", metrics=("dice",))
+    assert list(dice_only[1]) == ["dice"] and dice_only[1]["dice"] == pytest.approx(288 / 432)
+    assert list(dice_only[2]) == ["dice"] and math.isnan(dice_only[2]["dice"])
+    assert case_metrics(empty, reference, [1], SPACING_3D, metrics=("dice",)) == {1: {"dice": 0.0}}
+    hd_only = case_metrics(prediction, reference, [1], SPACING_3D, metrics=("hd95",))[1]
+    assert hd_only == pytest.approx({"hd95": 3.0})
+    for bad in ((), ("dice", "jaccard")):
+        with pytest.raises(ValueError, match="subset"):
+            case_metrics(prediction, reference, [1], SPACING_3D, metrics=bad)
+
+
 def test_regions_and_per_label_tolerances():
     reference = np.zeros((6, 6), dtype=np.int64)
     reference[1:3, 1:5] = 1

@@ -77,7 +77,6 @@ DEFAULT_PLANS = "nnUNetPlans"
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 DEFAULT_DEMO_DATASET_ID = 501
 AUTO_MODE = "auto"
-NMSW_K_ENV = "NNUNET_MOE_NMSW_K"
 MIB = 1024 ** 2
 
 
@@ -154,17 +153,18 @@ class NMSWMode(InferenceMode):
         from nnunet_moe.inference import nmsw_predictor
 
         nmsw_predictor.install()  # patches nnUNetPredictor once per process; later calls change nothing
-        previous_k = os.environ.get(NMSW_K_ENV)
+        k_env = nmsw_predictor.K_ENV
+        previous_k = os.environ.get(k_env)
         if options.nmsw_k is not None:
-            os.environ[NMSW_K_ENV] = str(options.nmsw_k)
+            os.environ[k_env] = str(options.nmsw_k)
         try:
             yield predictor.network
         finally:
             if options.nmsw_k is not None:
                 if previous_k is None:
-                    os.environ.pop(NMSW_K_ENV, None)
+                    os.environ.pop(k_env, None)
                 else:
-                    os.environ[NMSW_K_ENV] = previous_k
+                    os.environ[k_env] = previous_k
 
 
 MODES = {mode.name: mode for mode in (SlidingWindowMode(), NMSWMode())}
@@ -720,7 +720,7 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint file (default: %(default)s)")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="no mirroring test-time augmentation")
     parser.add_argument("--step-size", type=float, default=0.5, help="sliding-window tile step (default: %(default)s)")
-    parser.add_argument("--nmsw-k", type=int, default=None, help=f"K for mode nmsw (sets {NMSW_K_ENV})")
+    parser.add_argument("--nmsw-k", type=int, default=None, help="local patches per volume for mode nmsw (default: the predictor's K, 5 as in the paper)")
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD tolerance in mm (default: %(default)s)")
     parser.add_argument("--demo", action="store_true",
                         help="the demo dataset of `nnunet-moe demo` (held-out cases, every trained trainer)")

@@ -153,6 +153,7 @@ def case_metrics(
     spacing: tuple,
     nsd_tolerance_mm: float | list = 1.0,
     both_empty: str = "perfect",
+    metrics: tuple = METRIC_NAMES,
 ) -> dict:
     """Dice, HD95 (mm) and NSD of one case, per label.
 
@@ -163,9 +164,12 @@ def case_metrics(
         spacing: voxel spacing in mm, one entry per array axis, in array order.
         nsd_tolerance_mm: NSD tolerance in mm, one number for all labels or one per label.
         both_empty: "perfect" (Dice 1, HD95 0, NSD 1) or "nan" for labels absent from both maps.
+        metrics: the subset of ``METRIC_NAMES`` to compute (e.g. ``("dice",)``: the surface
+            distances are the expensive part on large volumes).
 
     Returns:
-        ``{label: {"dice": float, "hd95": float, "nsd": float}}`` in the order of ``labels``.
+        ``{label: {"dice": float, "hd95": float, "nsd": float}}`` (the requested metrics) in the order
+        of ``labels``.
         See the module docstring for the definitions and the empty-mask conventions.
 
     Raises:
@@ -175,6 +179,9 @@ def case_metrics(
     prediction, reference, labels, spacing, tolerances = _check_inputs(
         prediction, reference, labels, spacing, nsd_tolerance_mm, both_empty
     )
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown or not metrics:
+        raise ValueError(f"metrics must be a non-empty subset of {METRIC_NAMES}; got {tuple(metrics)}")
     diagonal = image_diagonal_mm(prediction.shape, spacing)
     results = {}
     for label, tolerance in zip(labels, tolerances):
@@ -183,10 +190,10 @@ def case_metrics(
         pred_empty, ref_empty = not pred_mask.any(), not ref_mask.any()
         if pred_empty and ref_empty:
             value = (1.0, 0.0, 1.0) if both_empty == "perfect" else (math.nan,) * 3
-            results[label] = dict(zip(METRIC_NAMES, value))
+            results[label] = {m: v for m, v in zip(METRIC_NAMES, value) if m in metrics}
             continue
         if pred_empty or ref_empty:
-            results[label] = {"dice": 0.0, "hd95": diagonal, "nsd": 0.0}
+            results[label] = {m: v for m, v in zip(METRIC_NAMES, (0.0, diagonal, 0.0)) if m in metrics}
             continue
         pred_crop, ref_crop = _crop_to_union(pred_mask, ref_mask)
         y_pred, y = _one_hot(pred_crop), _one_hot(ref_crop)
@@ -194,12 +201,17 @@ def case_metrics(
             # MONAI 1.5/1.6 passes its own deprecated get_mask_edges argument internally; the
             # warning is MONAI's, not the caller's, and would repeat for every label of every case
             warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-            dice = compute_dice(y_pred, y, include_background=False)
-            hd95 = compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95, spacing=spacing)
-            nsd = compute_surface_dice(
-                y_pred, y, class_thresholds=[tolerance], include_background=False, spacing=spacing
-            )
-        results[label] = {"dice": float(dice.item()), "hd95": float(hd95.item()), "nsd": float(nsd.item())}
+            values = {}
+            if "dice" in metrics:
+                values["dice"] = compute_dice(y_pred, y, include_background=False)
+            if "hd95" in metrics:
+                values["hd95"] = compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95,
+                                                            spacing=spacing)
+            if "nsd" in metrics:
+                values["nsd"] = compute_surface_dice(
+                    y_pred, y, class_thresholds=[tolerance], include_background=False, spacing=spacing
+                )
+        results[label] = {m: float(values[m].item()) for m in METRIC_NAMES if m in values}
     return results
 
 

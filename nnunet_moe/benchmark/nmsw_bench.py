@@ -164,17 +164,6 @@ def trained_predictor(model_folder: str, fold: str, checkpoint: str):
 
 
 # ----------------------------------------------------------------------------- measuring
-def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels) -> List[float]:
-    scores = []
-    for label in labels:
-        pred, ref = prediction == label, reference == label
-        denominator = int(pred.sum()) + int(ref.sum())
-        if denominator == 0:
-            continue  # label absent from both: not scored
-        scores.append(2.0 * int((pred & ref).sum()) / denominator)
-    return scores
-
-
 class LocalPassCounter:
     """Counts patches the local network processes (forward hook)."""
 
@@ -196,30 +185,30 @@ def patch_flops(module: torch.nn.Module, shape, in_channels: int) -> int:
     return count_flops(module, torch.zeros(1, in_channels, *shape))
 
 
-def run_mode(predictor, network, local_net, global_net, data: torch.Tensor, memory: bool):
-    """One timed ``predict_sliding_window_return_logits`` call with ``network`` in the predictor.
+def run_mode(predictor, mode: str, k: int, local_net, global_net, data: torch.Tensor, memory: bool):
+    """One timed ``predict_sliding_window_return_logits`` call in ``mode`` ("nmsw" / "sliding_window").
 
-    Returns logits, seconds, peak bytes (one extra profiled call; None without ``memory``), and the
-    numbers of local- and global-network samples processed in the timed call (forward hooks)."""
+    The predictor is switched with the benchmark command's modes (``command.MODES``). Returns logits,
+    seconds, peak bytes (one extra profiled call; None without ``memory``), and the numbers of local-
+    and global-network samples processed in the timed call (forward hooks)."""
+    from nnunet_moe.benchmark.command import MODES, BenchmarkOptions
     from nnunet_moe.benchmark.cost import measure
 
-    saved = predictor.network
-    predictor.network = network
     local_counter, global_counter = LocalPassCounter(local_net), LocalPassCounter(global_net)
     outputs = []
     try:
-        cost = measure(lambda x: outputs.append(predictor.predict_sliding_window_return_logits(x)), data,
-                       device="cpu", repeats=1) if memory else None
-        if cost is None:
-            import time
+        with MODES[mode].active(predictor, BenchmarkOptions(nmsw_k=k)):
+            cost = measure(lambda x: outputs.append(predictor.predict_sliding_window_return_logits(x)), data,
+                           device="cpu", repeats=1) if memory else None
+            if cost is None:
+                import time
 
-            start = time.perf_counter()
-            outputs.append(predictor.predict_sliding_window_return_logits(data))
-            cost = {"seconds": time.perf_counter() - start, "peak_memory_bytes": None}
+                start = time.perf_counter()
+                outputs.append(predictor.predict_sliding_window_return_logits(data))
+                cost = {"seconds": time.perf_counter() - start, "peak_memory_bytes": None}
     finally:
         local_counter.remove()
         global_counter.remove()
-        predictor.network = saved
     calls = 2 if memory else 1  # measure() runs the call once more under the profiler
     return (outputs[0], cost["seconds"], cost["peak_memory_bytes"], local_counter.count // calls,
             global_counter.count // calls)
@@ -232,11 +221,12 @@ def benchmark(predictor, cases: List[Case], trained: bool, k: int, tta: bool, me
 
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
-    from nnunet_moe.inference import nmsw_predictor
-    from nnunet_moe.networks.nmsw import NMSWNet
+    from nnunet_moe.benchmark.metrics import case_metrics
 
-    nmsw_predictor.install()
-    network = nmsw_predictor.unwrap(predictor.network)
+    from nnunet_moe.networks.nmsw import NMSWNet
+    from nnunet_moe.networks.unwrap import unwrap_network
+
+    network = unwrap_network(predictor.network)
     if not isinstance(network, NMSWNet):
         raise ValueError(f"the model's network is {type(network).__name__}, not an NMSW-Net "
                          f"(nnunet_moe.networks.nmsw.NMSWNet); train it with -tr nnUNetTrainerNMSW")
@@ -245,7 +235,6 @@ def benchmark(predictor, cases: List[Case], trained: bool, k: int, tta: bool, me
         network.infer_only_foreground = False
         network.mask_background = False
     predictor.use_mirroring = tta
-    os.environ[nmsw_predictor.K_ENV] = str(k)
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     reader = predictor.plans_manager.image_reader_writer_class()
     labels = predictor.label_manager.foreground_labels
@@ -265,9 +254,9 @@ def benchmark(predictor, cases: List[Case], trained: bool, k: int, tta: bool, me
         data = torch.from_numpy(data).float()
         shapes.append(tuple(data.shape[1:]))
         reference = reader.read_seg(case.label_file)[0][0] if case.label_file and trained else None
-        for mode, net in (("nmsw", predictor.network), ("sliding_window", network.local_net)):
+        for mode in ("nmsw", "sliding_window"):
             with contextlib.redirect_stdout(io.StringIO()):  # the override's per-case log line
-                logits, seconds, peak, passes, global_passes = run_mode(predictor, net, network.local_net,
+                logits, seconds, peak, passes, global_passes = run_mode(predictor, mode, k, network.local_net,
                                                                         network.global_net, data, memory)
             flops = passes * local_flops + global_passes * (global_flops + head_flops)
             result = results[mode]
@@ -279,7 +268,10 @@ def benchmark(predictor, cases: List[Case], trained: bool, k: int, tta: bool, me
                 segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
                     logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
                     properties)
-                result.dice.extend(dice_per_label(segmentation, reference, labels))
+                # labels absent from both maps are NaN, i.e. not scored (_mean skips NaN)
+                scores = case_metrics(segmentation, reference, labels, properties["spacing"], both_empty="nan",
+                                      metrics=("dice",))
+                result.dice.extend(score["dice"] for score in scores.values())
             log(f"  {case.name} {mode:>14}: shape {tuple(data.shape[1:])}, {seconds:.2f} s, {flops / 1e9:.1f} GFLOPs, "
                 f"{passes} local-network patches")
     return {"results": results, "shapes": shapes}

@@ -331,6 +331,14 @@ class NMSWNet(nn.Module):
         return _GlobalStage(x_padded, pad_slicer, global_low, global_full, global_padded, grid, scores,
                             foreground_cells)
 
+    def _local_logits(self, crops: torch.Tensor) -> torch.Tensor:
+        """The local net on ``(P, C_in, *patch)`` crops -> ``(P, C, *patch)`` logits (highest resolution)."""
+        local = first_output(self.local_net(crops))
+        expected = (crops.shape[0], self.num_classes, *self.patch_size)
+        if tuple(local.shape) != expected:
+            raise ValueError(f"local_net returned shape {tuple(local.shape)}, expected {expected}")
+        return local
+
     def _local_stage(self, stage: _GlobalStage, selection: TopKSelection) -> NMSWOutput:
         batch, num_patches = selection.indices.shape
         grid = stage.grid
@@ -340,11 +348,7 @@ class NMSWNet(nn.Module):
         crops = torch.stack([stage.x_padded[(b, slice(None), *patch_slices[b][k])] *
                              weights[b, k].to(stage.x_padded.dtype)
                              for b in range(batch) for k in range(num_patches)])
-        local = first_output(self.local_net(crops))
-        expected = (batch * num_patches, self.num_classes, *self.patch_size)
-        if tuple(local.shape) != expected:
-            raise ValueError(f"local_net returned shape {tuple(local.shape)}, expected {expected}")
-        local = local.reshape(batch, num_patches, self.num_classes, *self.patch_size)
+        local = self._local_logits(crops).reshape(batch, num_patches, self.num_classes, *self.patch_size)
         aggregated = self.aggregation(stage.global_padded, local, patch_slices)
         logits = aggregated[(slice(None), slice(None), *stage.pad_slicer)]
         return NMSWOutput(logits=logits, global_logits=stage.global_full, global_logits_low=stage.global_low,
@@ -361,10 +365,7 @@ class NMSWNet(nn.Module):
         for start in range(0, len(cells), self.local_batch_size):
             slices = [grid.cell_slices(i) for i in cells[start:start + self.local_batch_size]]
             crops = torch.stack([stage.x_padded[(0, slice(None), *s)] for s in slices])
-            local = first_output(self.local_net(crops))
-            expected = (len(slices), self.num_classes, *self.patch_size)
-            if tuple(local.shape) != expected:
-                raise ValueError(f"local_net returned shape {tuple(local.shape)}, expected {expected}")
+            local = self._local_logits(crops)
             sums = self.aggregation.accumulate(local[None], [slices], spatial, sums)
             del local, crops
         aggregated = self.aggregation.blend_sums(stage.global_padded, *sums)
