@@ -188,7 +188,7 @@ def resolve_modes(network, requested: list) -> list:
 class Case:
     identifier: str
     image_files: list
-    label_file: str
+    label_file: str | None  # None: no reference to score against (nmsw_bench without --labels)
 
 
 @dataclass

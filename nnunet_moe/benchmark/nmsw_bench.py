@@ -7,8 +7,8 @@ local network.
 Run ``python -m nnunet_moe.benchmark.nmsw_bench`` (see ``--help``). Two ways to get a model:
 
 - ``--model-folder F [--fold 0] --images I [--labels L]``: a trained ``nnUNetTrainerNMSW*`` results
-  folder, loaded with nnU-Net's ``nnUNetPredictor.initialize_from_trained_model_folder``; Dice is
-  reported when labels are given.
+  folder, loaded as ``nnunet-moe benchmark`` loads one (``command.load_predictor``: nnU-Net's
+  ``nnUNetPredictor.initialize_from_trained_model_folder``); Dice is reported when labels are given.
 - self-contained (no ``--model-folder``): images/labels from ``--images``/``--labels`` (default: the
   CHAOS T2 MRI copy in ``../shared/data/chaos_t2`` if present, else the bundled hippocampus); the
   stock ``nnUNetv2_plan_and_preprocess --no_pp`` plans them in a temporary folder (nothing is written
@@ -25,8 +25,9 @@ both (``--tta`` turns it on for both). Seconds: wall clock of that call (after o
 pass of each network, the warm-up); FLOPs: ``cost.count_flops`` (2 per multiply-accumulate) of one
 local-network patch, one global-network pass and the objectness head, times the passes each mode
 actually ran (forward hooks count them in the timed call); peak memory: ``cost.measure`` (CPU: peak of torch allocations during
-one extra profiled call; ``--no-memory`` skips it). Dice: per foreground label on the
-case's original geometry (nnU-Net's export resampling), mean over labels and cases.
+one extra profiled call; ``--no-memory`` skips it). Dice: ``metrics.case_metrics`` per foreground label on
+the case's original geometry (nnU-Net's export resampling; a label absent from both prediction and
+reference scores 1), mean over labels and cases.
 """
 from __future__ import annotations
 
@@ -44,17 +45,12 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from nnunet_moe.benchmark.command import MODES, BenchmarkOptions, Case, load_predictor
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CHAOS = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "chaos_t2"))
 BUNDLED_HIPPOCAMPUS = os.path.join(REPO_ROOT, "nnunet_moe", "data", "hippocampus")
 BENCH_DATASET_ID = 987
-
-
-@dataclass
-class Case:
-    name: str
-    image_files: List[str]
-    label_file: Optional[str]
 
 
 @dataclass
@@ -67,30 +63,28 @@ class ModeResult:
 
 
 # ----------------------------------------------------------------------------- inputs
-def _strip_ending(name: str) -> str:
-    for ending in (".nii.gz", ".nii", ".mha", ".nrrd"):
-        if name.endswith(ending):
-            return name[: -len(ending)]
-    return os.path.splitext(name)[0]
-
-
 def find_cases(images: str, labels: Optional[str], limit: Optional[int]) -> List[Case]:
-    """Single-channel cases: ``<case>.nii.gz`` or ``<case>_0000.nii.gz`` images, ``<case>.nii.gz`` labels."""
+    """Single-channel cases: ``<case>.nii.gz`` or ``<case>_0000.nii.gz`` images, ``<case>.nii.gz`` labels.
+
+    Not ``command.cases_from_folders``: that one takes nnU-Net's ``<case>_<XXXX><ending>`` naming only
+    (ending from a dataset.json, labels required), while the bundled and shared data folders this
+    benchmark defaults to name their images ``<case>.nii.gz``."""
     if not os.path.isdir(images):
         raise ValueError(f"--images {images!r} is not a folder")
     if labels is not None and not os.path.isdir(labels):
         raise ValueError(f"--labels {labels!r} is not a folder")
     cases = []
     for file in sorted(os.listdir(images)):
-        if not file.endswith((".nii.gz", ".nii")):
+        ending = next((e for e in (".nii.gz", ".nii") if file.endswith(e)), None)
+        if ending is None:
             continue
-        stem = _strip_ending(file)
-        name = stem[:-5] if stem.endswith("_0000") else stem
-        ending = file[len(stem):]
-        label = os.path.join(labels, name + ending) if labels else None
+        stem = file[: -len(ending)]
+        identifier = stem[:-5] if stem.endswith("_0000") else stem
+        label = os.path.join(labels, identifier + ending) if labels else None
         if label is not None and not os.path.isfile(label):
             raise ValueError(f"no label file {label} for image {os.path.join(images, file)}")
-        cases.append(Case(name, [os.path.abspath(os.path.join(images, file))], label and os.path.abspath(label)))
+        cases.append(Case(identifier, [os.path.abspath(os.path.join(images, file))],
+                          label and os.path.abspath(label)))
     if not cases:
         raise ValueError(f"no .nii/.nii.gz images in {images}")
     return cases[:limit] if limit else cases
@@ -107,8 +101,8 @@ def plan_in_temp_dir(cases: List[Case], work: str) -> str:
     for case in cases:
         if case.label_file is None:
             raise ValueError("the self-contained mode plans with nnU-Net and needs --labels")
-        os.symlink(case.image_files[0], os.path.join(raw, "imagesTr", f"{case.name}_0000.nii.gz"))
-        os.symlink(case.label_file, os.path.join(raw, "labelsTr", f"{case.name}.nii.gz"))
+        os.symlink(case.image_files[0], os.path.join(raw, "imagesTr", f"{case.identifier}_0000.nii.gz"))
+        os.symlink(case.label_file, os.path.join(raw, "labelsTr", f"{case.identifier}.nii.gz"))
         # GetArrayFromImage, not ...View...: a view of a temporary image dangles once it is freed (segfault)
         max_label = max(max_label, int(sitk.GetArrayFromImage(sitk.ReadImage(case.label_file)).max()))
     labels = {"background": 0, **{f"label_{i}": i for i in range(1, max_label + 1)}}
@@ -151,16 +145,11 @@ def untrained_predictor(plans_folder: str, seed: int):
     return predictor
 
 
-def trained_predictor(model_folder: str, fold: str, checkpoint: str):
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
+def trained_predictor(model_folder: str, fold: str, checkpoint: str, tta: bool):
+    """The trained fold's ``nnUNetPredictor`` on the CPU, loaded as ``nnunet-moe benchmark`` loads it."""
     import nnunet_moe.training.nmsw_trainer  # noqa: F401  (registers NMSW trainers, installs the override)
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
-    fold = fold if fold == "all" else int(fold)
-    predictor.initialize_from_trained_model_folder(model_folder, (fold,), checkpoint)
-    return predictor
+    return load_predictor(model_folder, fold, BenchmarkOptions(checkpoint=checkpoint, tta=tta))
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -191,7 +180,6 @@ def run_mode(predictor, mode: str, k: int, local_net, global_net, data: torch.Te
     The predictor is switched with the benchmark command's modes (``command.MODES``). Returns logits,
     seconds, peak bytes (one extra profiled call; None without ``memory``), and the numbers of local-
     and global-network samples processed in the timed call (forward hooks)."""
-    from nnunet_moe.benchmark.command import MODES, BenchmarkOptions
     from nnunet_moe.benchmark.cost import measure
 
     local_counter, global_counter = LocalPassCounter(local_net), LocalPassCounter(global_net)
@@ -268,12 +256,12 @@ def benchmark(predictor, cases: List[Case], trained: bool, k: int, tta: bool, me
                 segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
                     logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
                     properties)
-                # labels absent from both maps are NaN, i.e. not scored (_mean skips NaN)
-                scores = case_metrics(segmentation, reference, labels, properties["spacing"], both_empty="nan",
-                                      metrics=("dice",))
+                # metrics.py's convention (a label absent from both maps scores 1), as in `nnunet-moe
+                # benchmark`: both rows then average the same (case, label) pairs
+                scores = case_metrics(segmentation, reference, labels, properties["spacing"], metrics=("dice",))
                 result.dice.extend(score["dice"] for score in scores.values())
-            log(f"  {case.name} {mode:>14}: shape {tuple(data.shape[1:])}, {seconds:.2f} s, {flops / 1e9:.1f} GFLOPs, "
-                f"{passes} local-network patches")
+            log(f"  {case.identifier} {mode:>14}: shape {tuple(data.shape[1:])}, {seconds:.2f} s, "
+                f"{flops / 1e9:.1f} GFLOPs, {passes} local-network patches")
     return {"results": results, "shapes": shapes}
 
 
@@ -351,7 +339,7 @@ def main(argv=None) -> int:
     work = None
     try:
         if trained:
-            predictor = trained_predictor(args.model_folder, args.fold, args.checkpoint)
+            predictor = trained_predictor(args.model_folder, args.fold, args.checkpoint, args.tta)
         else:
             work = tempfile.mkdtemp(prefix="nmsw_bench_")
             print(f"Self-contained mode: planning {len(cases)} case(s) from {images} with stock nnU-Net in {work}; "
