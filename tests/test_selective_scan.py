@@ -84,12 +84,19 @@ def test_matches_float64_loop(length, config):
     assert_close_to_reference(last, ref_last)
 
 
-def test_default_chunk_and_log_step_path_agree_with_loop():
+@pytest.mark.parametrize("log_step_on_cpu", [False, True])
+def test_default_chunk_and_log_step_path_agree_with_loop(monkeypatch, log_step_on_cpu):
+    # the log-step cross-chunk scan runs on CUDA only; declaring the CPU a log-step device tests it here
+    if log_step_on_cpu:
+        monkeypatch.setattr(scan_module, "_LOG_STEP_DEVICE_TYPES", ("cpu",))
+    calls, torch_cat = [], torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or torch_cat(*a, **k))
     u, delta, A, B, C, D, z, bias = make_inputs(300)
     ref, _ = reference_scan(u, delta, A, B, C, D, z, bias, True)
-    for chunk in (64, 1):  # chunk 1 -> 300 chunks -> Hillis-Steele log-step path across chunks
+    for chunk in (64, 1):  # chunk 1 -> 300 chunks: above _SEQUENTIAL_CHUNK_LIMIT
         out = selective_scan(u, delta, A, B, C, D, z, bias, True, backend="torch", chunk_size=chunk)
         assert_close_to_reference(out, ref)
+    assert bool(calls) == log_step_on_cpu  # the log-step scan (torch.cat per step) ran iff asked for
 
 
 def test_time_invariant_B_C():
