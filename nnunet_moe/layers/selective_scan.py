@@ -228,14 +228,13 @@ def _chunk_states(delta5, a5, du5, b_mat, chunk_size: int, h0=None, scratch: boo
     # chunk summaries chunk-major (nc, Bt, G, Dg, N): exp(S_T) per chunk and the chunk's own input
     chunk_decay = torch.exp(chunk_total.movedim(-1, 0).contiguous() * a5.squeeze(-1))
     chunk_inputs = torch.empty_like(chunk_decay).copy_(cum[..., -1].movedim(-1, 0))
-    if h0 is not None:
-        chunk_inputs[0] += chunk_decay[0] * h0
-    chunk_end_states = _chunk_recurrence(chunk_decay, chunk_inputs)       # state after each chunk
     carried = torch.empty_like(chunk_decay)                               # exp(S_T) * state before each chunk
     if h0 is None:
         carried[0] = 0
-    else:
+    else:  # the initial state enters the first chunk's summary as carried-in input
         torch.mul(chunk_decay[0], h0, out=carried[0])
+        chunk_inputs[0] += carried[0]
+    chunk_end_states = _chunk_recurrence(chunk_decay, chunk_inputs)       # state after each chunk
     torch.mul(chunk_decay[1:], chunk_end_states[:-1], out=carried[1:])
     h = cum.add_(carried.movedim(0, -1).unsqueeze(-1)).mul_(e_fwd)        # E_l * (exp(S_T) h_init + cum_l)
     # padded steps neither decay nor add, so the state after the last chunk is the state at L - 1
