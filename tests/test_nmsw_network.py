@@ -125,8 +125,26 @@ def test_predict_streams_patches_in_chunks_with_the_same_result(local_batch_size
     logits = model.predict(volume)
     assert calls == expected_calls
     with torch.no_grad():
-        reference = model(volume[None], k=5).logits[0]  # all K patches in one local call
-    assert torch.allclose(logits, reference, atol=1e-5)
+        out = model(volume[None], k=5)  # all K patches in one local call, full-size accumulators
+    assert torch.allclose(logits, out.logits[0], atol=1e-5)
+    # predict accumulates and blends only in the selected cells' bounding box: make sure the test
+    # covers voxels outside it (there the output is the upsampled global logits, exactly)
+    outside = torch.ones(volume.shape[1:], dtype=torch.bool)
+    box = tuple(slice(min(s[a].start for s in out.patch_slices[0]), max(s[a].stop for s in out.patch_slices[0]))
+                for a in range(3))
+    outside[box] = False
+    assert outside.any()
+    assert torch.equal(logits[:, outside], out.global_logits[0][:, outside])
+
+
+@pytest.mark.parametrize("broken", ["global", "local"])
+def test_predict_refuses_non_finite_network_outputs(broken):
+    model = make_model(k_infer=2, infer_only_foreground=False, mask_background=False)
+    net = model.global_net if broken == "global" else model.local_net
+    net.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    what = "the global network's output" if broken == "global" else "the local network's output for grid cells"
+    with pytest.raises(RuntimeError, match=f"non-finite values \\(NaN/inf\\) in {what}"):
+        model.predict(torch.randn(1, 24, 20, 16))
 
 
 def test_local_batch_size_must_be_positive():

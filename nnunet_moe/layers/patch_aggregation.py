@@ -190,5 +190,5 @@ class PatchAggregation(nn.Module):
             blended = local_avg
         else:
             w = torch.sigmoid(self.alpha).to(global_logits.dtype).view(1, -1, *([1] * len(self.patch_size)))
-            blended = w * global_logits + (1.0 - w) * local_avg
+            blended = torch.lerp(global_logits, local_avg, 1.0 - w)  # w * global + (1 - w) * local, one pass
         return torch.where(covered, blended, global_logits)

@@ -30,7 +30,8 @@ k_random=1, k_infer=5, tau=2/3, overlap=0.5, blend="learned", ...)``
   whose global prediction contains foreground)`` when ``infer_only_foreground`` and
   ``mask_background`` are True (the defaults: a cell the global net calls pure background is not
   worth a local pass; otherwise ``K = min(k_infer, G)``, silently clamped); a volume with no
-  foreground cell gets the upsampled global logits. Every voxel is finite. Restores train/eval mode.
+  foreground cell gets the upsampled global logits. Every voxel is written; a non-finite global or
+  local network output raises ``RuntimeError``. Restores train/eval mode.
 - ``NMSWOutput`` fields (full-size = unpadded ``S``; "padded" = after ``pad_to_patch_size``):
   ``logits (B, C, *S)`` aggregated; ``global_logits (B, C, *S)`` upsampled global;
   ``global_logits_low (B, C, *global_input_size)``; ``local_logits (B, K, C, *patch)``;
@@ -359,16 +360,30 @@ class NMSWNet(nn.Module):
 
     def _streamed_local_logits(self, stage: _GlobalStage, cells: Sequence[int]) -> torch.Tensor:
         """Inference for one volume: the local net on ``cells`` in chunks of ``local_batch_size``, each
-        chunk added into the aggregation sums at once (same result as :meth:`_local_stage`)."""
-        grid, sums = stage.grid, None
-        spatial = tuple(stage.x_padded.shape[2:])
+        chunk added into the aggregation sums at once (same result as :meth:`_local_stage`).
+
+        The sums and the blend cover only the bounding box of the selected cells: outside it no patch
+        contributes, so the output there is the upsampled global logits, written once. (Full-size
+        accumulators and blending cost about as much as the global pass on a large CT volume.) The
+        stage's global logits are overwritten in place: the stage must not be used afterwards.
+        """
+        grid = stage.grid
+        cell_slices = [grid.cell_slices(i) for i in cells]
+        lower = [min(s[axis].start for s in cell_slices) for axis in range(self.ndim)]
+        upper = [max(s[axis].stop for s in cell_slices) for axis in range(self.ndim)]
+        box = (slice(None), slice(None), *(slice(lo, hi) for lo, hi in zip(lower, upper)))
+        box_shape = tuple(hi - lo for lo, hi in zip(lower, upper))
+        in_box = [tuple(slice(s.start - lo, s.stop - lo) for s, lo in zip(slices, lower)) for slices in cell_slices]
+        sums = None
         for start in range(0, len(cells), self.local_batch_size):
-            slices = [grid.cell_slices(i) for i in cells[start:start + self.local_batch_size]]
-            crops = torch.stack([stage.x_padded[(0, slice(None), *s)] for s in slices])
+            chunk = slice(start, start + self.local_batch_size)
+            crops = torch.stack([stage.x_padded[(0, slice(None), *s)] for s in cell_slices[chunk]])
             local = self._local_logits(crops)
-            sums = self.aggregation.accumulate(local[None], [slices], spatial, sums)
+            _require_finite(local, f"the local network's output for grid cells {list(cells[chunk])}")
+            sums = self.aggregation.accumulate(local[None], [in_box[chunk]], box_shape, sums)
             del local, crops
-        aggregated = self.aggregation.blend_sums(stage.global_padded, *sums)
+        aggregated = stage.global_padded
+        aggregated[box] = self.aggregation.blend_sums(aggregated[box], *sums)
         return aggregated[(slice(None), slice(None), *stage.pad_slicer)]
 
     # ------------------------------------------------------------------ public
@@ -396,6 +411,7 @@ class NMSWNet(nn.Module):
             outputs = []
             for b in range(batch_volume.shape[0]):
                 stage = self._global_stage(batch_volume[b:b + 1], None)
+                _require_finite(stage.global_low, "the global network's output")
                 k_here = min(int(k), stage.grid.num_cells)
                 if self.infer_only_foreground and self.mask_background:
                     k_here = min(k_here, int(stage.foreground_cells.sum()))
@@ -407,8 +423,16 @@ class NMSWNet(nn.Module):
                 outputs.append(self._streamed_local_logits(stage, selection.indices[0].tolist()))
         finally:
             self.train(was_training)
-        logits = torch.cat(outputs)
+        logits = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # no full-size copy for one volume
         return logits[0] if single else logits
+
+
+def _require_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise a clear error for NaN/inf in ``tensor``. Checking the network outputs suffices for the
+    predicted logits: resizing and Gaussian blending only form weighted averages of them."""
+    if not torch.isfinite(tensor).all():
+        raise RuntimeError(f"NMSW inference produced non-finite values (NaN/inf) in {what}; check the "
+                           f"checkpoint and the input")
 
 
 def stride_divisor(arch_kwargs: dict, ndim: int) -> Optional[Tuple[int, ...]]:
