@@ -99,6 +99,26 @@ def test_default_chunk_and_log_step_path_agree_with_loop(monkeypatch, log_step_o
     assert bool(calls) == log_step_on_cpu  # the log-step scan (torch.cat per step) ran iff asked for
 
 
+@pytest.mark.parametrize("invariant", [False, True])
+def test_no_grad_forward_in_position_blocks_matches_loop(monkeypatch, invariant):
+    """Without gradients the scan runs in blocks of positions chained by their last state; small
+    blocks (32 positions: 4 blocks, the last one partial and padded) must give the loop's numbers."""
+    u, delta, A, B, C, D, z, bias = make_inputs(100, groups_b=2, groups_c=4)
+    if invariant:
+        B, C = torch.randn(8, 4), torch.randn(8, 4)
+    monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 2 * 8 * 4 * 32)  # batch x D_in x N x 32 positions
+    blocks, scan_block = [], scan_module._scan_block
+    monkeypatch.setattr(scan_module, "_scan_block", lambda *a, **k: blocks.append(a[0].shape[-1]) or scan_block(*a, **k))
+    with torch.no_grad():
+        out, last = selective_scan(u, delta, A, B, C, D, z, bias, True, True, backend="torch", chunk_size=16)
+    assert blocks == [32, 32, 32, 4]
+    if invariant:
+        B, C = (m[None, :, :, None].expand(2, 8, 4, 100) for m in (B, C))
+    ref, ref_last = reference_scan(u, delta, A, B, C, D, z, bias, True)
+    assert_close_to_reference(out, ref)
+    assert_close_to_reference(last, ref_last)
+
+
 def test_time_invariant_B_C():
     u, delta, A, _, _, D, _, _ = make_inputs(33)
     B = torch.randn(8, 4)
