@@ -142,7 +142,10 @@ def test_huge_decays_stay_finite_and_exact():
     assert_close_to_reference(out, ref)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("blocks", [False, True])
+def test_gradcheck_float64(monkeypatch, blocks):
+    if blocks:  # forward and backward in blocks of 4 positions (4, 4, 1) chained by their states
+        monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 1 * 4 * 3 * 4)
     u, delta, A, B, C, D, z, bias = (t.double().requires_grad_() for t in make_inputs(9, batch=1, d_in=4, n_state=3,
                                                                                        groups_b=2))
 
@@ -182,9 +185,13 @@ def _grads_vs_reference(inputs, ours_fn, ref_fn, out_shape, seed=5):
         torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=atol, msg=f"gradient of input {i}")
 
 
+@pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("layout", ["time_invariant", "one_channel_per_group", "grouped_c", "last_state"])
-def test_hand_written_backward_layouts(layout):
-    """The custom backward reduces gradients to every B / C layout, and handles the last state's gradient."""
+def test_hand_written_backward_layouts(monkeypatch, layout, blocks):
+    """The custom backward reduces gradients to every B / C layout, and handles the last state's gradient;
+    also in blocks of 16 positions (16, 16, 5: the adjoint state chained from the last block back)."""
+    if blocks:
+        monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 2 * 8 * 4 * 16)  # batch x D_in x N x 16 positions
     u, delta, A, B, C, D, z, bias = make_inputs(37)
     scan = dict(backend="torch", chunk_size=8)
     if layout == "time_invariant":

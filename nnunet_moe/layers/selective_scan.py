@@ -41,10 +41,10 @@ log-step scan with ``log2(L / T)`` vectorised steps). It multiplies decays only,
 Cost: ``O(B * D_in * N * L)`` work and memory (about ten passes over a ``(B, D_in, N, L)`` tensor;
 no ``(L x L)`` or ``(T x T)`` tensors). The full-size tensors are written in place into two per-thread
 scratch buffers that are kept between calls (up to ``WORKSPACE_CACHE_LIMIT_BYTES`` each;
-:func:`clear_workspace`): fresh 50 MB allocations cost more than the arithmetic on CPU. Without
-gradients the sequence is processed in blocks of about ``BLOCK_ELEMENTS`` state entries chained by
-their last state, so that the ten passes of a block hit the CPU caches (and the scratch memory is one
-block's, whatever ``L``).
+:func:`clear_workspace`): fresh 50 MB allocations cost more than the arithmetic on CPU. The sequence is
+processed in blocks of about ``BLOCK_ELEMENTS`` state entries chained by their last state (the
+backward: by the adjoint state, last block first), so that the ten passes of a block hit the CPU
+caches and the scratch memory is one block's, whatever ``L``.
 
 Gradients: a hand-written backward (:class:`_ChunkedScan`) instead of autograd through the chunked
 forward. It keeps one full-size tensor (the states) and runs the adjoint recurrence with the same
@@ -278,29 +278,15 @@ def _unpadded(h: torch.Tensor, length: int) -> torch.Tensor:
     return h.reshape(*h.shape[:-2], -1)[..., :length]
 
 
-def _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size: int, keep_states: bool):
-    """Forward of the scan: ``y (Bt, G, Dg, L)``, last state and (``keep_states``) all states ``h``, else None.
-
-    Without ``keep_states`` (no gradients needed) the sequence is processed in blocks of about
-    ``BLOCK_ELEMENTS`` state entries, each block starting from the previous block's last state: the
-    full-size tensors of one block stay in the CPU caches between the ten passes over them.
-    """
-    length = delta5.shape[-1]
-    if keep_states:
-        return _scan_block(delta5, u5, a5, b_mat, c_mat, chunk_size, None, keep_states=True)
+def _block_length(delta5: torch.Tensor, a5: torch.Tensor, chunk_size: int) -> int:
+    """Positions per block: about ``BLOCK_ELEMENTS`` state entries, a multiple of ``chunk_size``."""
     per_position = math.prod(delta5.shape[:-2]) * a5.shape[-2]  # Bt * G * Dg * N
-    block = max(chunk_size, BLOCK_ELEMENTS // per_position // chunk_size * chunk_size)
-    if block >= length:
-        return _scan_block(delta5, u5, a5, b_mat, c_mat, chunk_size, None, keep_states=False)
-    y, last = None, None
-    for start in range(0, length, block):
-        part = slice(start, start + block)
-        y_part, last, _ = _scan_block(delta5[..., part], u5[..., part], a5, _positions(b_mat, part),
-                                      _positions(c_mat, part), chunk_size, last, keep_states=False)
-        if y is None:
-            y = y_part.new_empty(y_part.shape[:-1] + (length,))
-        y[..., part] = y_part
-    return y, last, None
+    return max(chunk_size, BLOCK_ELEMENTS // per_position // chunk_size * chunk_size)
+
+
+def _blocks(length: int, block: int, reverse: bool = False):
+    starts = range(0, length, block)
+    return [slice(s, min(s + block, length)) for s in (reversed(starts) if reverse else starts)]
 
 
 def _positions(m: torch.Tensor, part: slice) -> torch.Tensor:
@@ -308,15 +294,43 @@ def _positions(m: torch.Tensor, part: slice) -> torch.Tensor:
     return m if m.shape[-1] == 1 else m[..., part]
 
 
-def _scan_block(delta5, u5, a5, b_mat, c_mat, chunk_size: int, h0, keep_states: bool):
+def _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size: int, keep_states: bool):
+    """Forward of the scan: ``y (Bt, G, Dg, L)``, last state and (``keep_states``) all states
+    ``h (Bt, G, Dg, N, L)``, else None.
+
+    The sequence is processed in blocks of about ``BLOCK_ELEMENTS`` state entries, each block starting
+    from the previous block's last state: the full-size tensors of one block stay in the CPU caches
+    between the ten passes over them, and the scratch memory is one block's.
+    """
+    length = delta5.shape[-1]
+    parts = _blocks(length, _block_length(delta5, a5, chunk_size))
+    if len(parts) == 1:  # the states (if kept) are the chunked scan's own output: no copy
+        return _scan_block(delta5, u5, a5, b_mat, c_mat, chunk_size, None, keep_states=keep_states)
+    states = delta5.new_empty(torch.broadcast_shapes(delta5.shape, a5.shape)[:-1] + (length,)) if keep_states else None
+    y, last = None, None
+    for part in parts:
+        y_part, last, _ = _scan_block(delta5[..., part], u5[..., part], a5, _positions(b_mat, part),
+                                      _positions(c_mat, part), chunk_size, last,
+                                      states_out=None if states is None else states[..., part])
+        if y is None:
+            y = y_part.new_empty(y_part.shape[:-1] + (length,))
+        y[..., part] = y_part
+    return y, last, states
+
+
+def _scan_block(delta5, u5, a5, b_mat, c_mat, chunk_size: int, h0, keep_states: bool = False, states_out=None):
+    """One block of positions: ``y``, the last state and (``keep_states``) the states ``(..., N, L)``.
+    ``states_out``: a view to copy the states into (the block's slice of the whole sequence's states)."""
     length = delta5.shape[-1]
     h, last = _chunk_states(delta5, a5, delta5 * u5, b_mat, chunk_size, h0=h0, scratch=not keep_states)
     n_chunks, chunk = h.shape[-2:]
+    if states_out is not None:
+        states_out.copy_(_unpadded(h, length))
     c_chunks = _chunked(c_mat, n_chunks, chunk, n_chunks * chunk - length)
     product = torch.mul(h, c_chunks, out=_scratch_like(h)) if keep_states else h.mul_(c_chunks)
     y = product.sum(-3)                                               # contract the state dim N
     y = y.reshape(*y.shape[:-2], n_chunks * chunk)[..., :length]
-    return y, last, (h if keep_states else None)
+    return y, last, (_unpadded(h, length) if keep_states else None)
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -332,6 +346,8 @@ class _ChunkedScan(torch.autograd.Function):
         du_l = delta_l sum_n g_l B_l      ddelta_l = u_l sum_n g_l B_l + sum_n q_l A
 
     (sums over ``d`` stay within a group; time-invariant ``B`` / ``C`` also sum over batch and ``l``).
+    Like the forward, the backward runs in blocks of positions (last block first, each starting from
+    the adjoint state the later block left), so a block's passes stay in the CPU caches.
     Layouts as in :func:`_chunk_states`; ``u5`` like ``delta5``; returns ``y (Bt, G, Dg, L)`` and the last
     state ``(Bt, G, Dg, N)``.
     """
@@ -346,32 +362,46 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
-        delta5, u5, a5, b_mat, c_mat, h = ctx.saved_tensors
+        delta5, u5, a5, b_mat, c_mat, h = ctx.saved_tensors                    # h: (Bt, G, Dg, N, L)
         length = delta5.shape[-1]
-        h = _unpadded(h, length)                                               # (Bt, G, Dg, N, L)
         if grad_y is None:
             grad_y = delta5.new_zeros(delta5.shape[:-2] + (length,))
         gy5 = grad_y.unsqueeze(-2)                                             # (Bt, G, Dg, 1, L)
-        # adjoint recurrence on the reversed sequence: step l' = L-1-l decays by exp(delta_{l+1} A)
-        delta_rev = F.pad(delta5.flip(-1)[..., :-1], (1, 0))
-        c_rev = c_mat.flip(-1) if c_mat.shape[-1] > 1 else c_mat
-        g_rev, _ = _chunk_states(delta_rev, a5, gy5.flip(-1), c_rev, ctx.chunk_size, h0=grad_last, scratch=True)
-        g = _unpadded(g_rev, length).flip(-1)                                  # (Bt, G, Dg, N, L)
-
-        # the reverse scan is done with the scratch buffers: products go there instead of fresh memory
         du5 = delta5 * u5
-        grad_c = _sum_to(torch.mul(h, gy5, out=_scratch_like(g)), c_mat.shape)
-        grad_b = _sum_to(torch.mul(g, du5, out=_scratch_like(g)), b_mat.shape)
-        g_dot_b = torch.mul(g, b_mat, out=_scratch_like(g)).sum(-2, keepdim=True)   # (Bt, G, Dg, 1, L)
-        q = torch.addcmul(h, du5, b_mat, value=-1, out=_scratch_like(g)).mul_(g)   # g_l exp(delta_l A) h_{l-1}
-        a3 = a5[0, ..., 0]                                                          # (G, Dg, N)
-        grad_a = torch.einsum("bgdnl,bgdl->gdn", q, delta5.squeeze(-2)).reshape(a5.shape)
-        grad_delta = g_dot_b * u5 + torch.einsum("bgdnl,gdn->bgdl", q, a3).unsqueeze(-2)
-        grad_u = g_dot_b * delta5
+        a3 = a5[0, ..., 0]                                                     # (G, Dg, N)
+        # the adjoint state at l decays by exp(delta_{l+1} A) on its way to l - 1 (nothing after L - 1)
+        delta_next = F.pad(delta5[..., 1:], (0, 1))
+        grad_delta, grad_u = torch.empty_like(delta5), torch.empty_like(u5)
+        grad_a, grad_b, grad_c = (torch.zeros_like(t) for t in (a5, b_mat, c_mat))
+        g_after = grad_last                                                    # adjoint state after the block
+        for part in _blocks(length, _block_length(delta5, a5, ctx.chunk_size), reverse=True):
+            n = part.stop - part.start
+            c_part = _positions(c_mat, part)
+            g_rev, g_after = _chunk_states(delta_next[..., part].flip(-1), a5, gy5[..., part].flip(-1),
+                                           c_part.flip(-1) if c_part.shape[-1] > 1 else c_part, ctx.chunk_size,
+                                           h0=g_after, scratch=True)
+            g = _unpadded(g_rev, n).flip(-1)                                   # (Bt, G, Dg, N, n)
+            h_p, du_p, b_p, d_p = h[..., part], du5[..., part], _positions(b_mat, part), delta5[..., part]
+            # the reverse scan is done with the scratch buffers: products go there instead of fresh memory
+            scratch = _scratch_like(g)
+            _add_block_grad(grad_c, part, torch.mul(h_p, gy5[..., part], out=scratch))
+            _add_block_grad(grad_b, part, torch.mul(g, du_p, out=scratch))
+            g_dot_b = torch.mul(g, b_p, out=scratch).sum(-2, keepdim=True)  # (Bt, G, Dg, 1, n)
+            q = torch.addcmul(h_p, du_p, b_p, value=-1, out=scratch).mul_(g)  # g_l exp(delta_l A) h_{l-1}
+            grad_a += torch.einsum("bgdnl,bgdl->gdn", q, d_p.squeeze(-2)).reshape(a5.shape)
+            grad_delta[..., part] = g_dot_b * u5[..., part] + torch.einsum("bgdnl,gdn->bgdl", q, a3).unsqueeze(-2)
+            grad_u[..., part] = g_dot_b * d_p
         return grad_delta, grad_u, grad_a, grad_b, grad_c, None
 
 
-# State entries (batch x channels x N x positions) per block of the no-grad forward. Blocks of 8 MB
+def _add_block_grad(grad: torch.Tensor, part: slice, block_grad: torch.Tensor) -> None:
+    """Add a block's gradient of B or C (``(Bt, G, Dg, N, n)``, summed over the broadcast dims) into
+    ``grad``: at the block's positions for a variable B / C, summed over positions for a time-invariant one."""
+    target = grad if grad.shape[-1] == 1 else grad[..., part]
+    target += block_grad.sum_to_size(target.shape)
+
+
+# State entries (batch x channels x N x positions) per block of the scan. Blocks of 8 MB
 # (float32) measured fastest among 2-16 MB on this project's 2-core Xeon (2.5 MB L2 per core, 48 MB
 # L3): 1.2x (D_in 192) to 1.9x (D_in 192, L 32768) faster than one block of the whole sequence.
 BLOCK_ELEMENTS = 2 ** 21
@@ -395,11 +425,6 @@ def _workspace(numel: int, dtype: torch.dtype, device: torch.device):
 def _scratch_like(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor of ``t``'s shape in the first scratch buffer (overwritten by the next use)."""
     return _workspace(t.numel(), t.dtype, t.device)[0].view(t.shape)
-
-
-def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
-    """``t`` summed over its broadcast dims down to ``shape``; always a new tensor (``t`` may be scratch)."""
-    return t.sum_to_size(shape) if t.shape != shape else t.clone()
 
 
 def clear_workspace() -> None:
