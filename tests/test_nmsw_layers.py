@@ -290,3 +290,28 @@ def test_global_blend_and_input_validation():
         PatchAggregation(2, (4, 4, 4), blend="sum")
     with pytest.raises(ValueError, match="init_global_weight"):
         PatchAggregation(2, (4, 4, 4), init_global_weight=1.0)
+
+
+@pytest.mark.parametrize("blend", ["learned", "local"])
+@pytest.mark.parametrize("accumulation_dtype", [torch.float32, torch.float16])
+def test_in_place_blend_equals_out_of_place(blend, accumulation_dtype):
+    """Inference blends into the global logits in place (no full-size temporaries): same numbers as
+    the autograd-friendly form, covered and uncovered voxels alike; refused when gradients are needed."""
+    torch.manual_seed(0)
+    aggregation = PatchAggregation(3, (4, 4, 4), blend=blend, init_global_weight=0.3,
+                                   accumulation_dtype=accumulation_dtype)
+    global_logits = torch.randn(1, 3, 8, 6, 4)
+    local = torch.randn(1, 2, 3, 4, 4, 4)
+    slices = [[(slice(0, 4), slice(0, 4), slice(0, 4)), (slice(2, 6), slice(2, 6), slice(0, 4))]]
+    with torch.no_grad():
+        expected = aggregation.blend_sums(global_logits, *aggregation.accumulate(local, slices, (8, 6, 4)))
+        target = global_logits.clone()
+        result = aggregation.blend_sums(target, *aggregation.accumulate(local, slices, (8, 6, 4)), in_place=True)
+    assert result is target
+    assert torch.allclose(result, expected, atol=1e-6)
+    assert torch.equal(result[:, :, 6:], global_logits[:, :, 6:])  # not covered by a patch
+    assert not torch.equal(result[:, :, :4, :4], global_logits[:, :, :4, :4])
+    if blend == "learned":
+        with pytest.raises(RuntimeError, match="in_place=True\\) is for inference"):
+            aggregation.blend_sums(global_logits.clone(), *aggregation.accumulate(local, slices, (8, 6, 4)),
+                                   in_place=True)

@@ -179,16 +179,32 @@ class PatchAggregation(nn.Module):
             return global_logits
         return self.blend_sums(global_logits, *self.accumulate(local_logits, patch_slices, global_logits.shape[2:]))
 
-    def blend_sums(self, global_logits: torch.Tensor, local_sum: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
-        """Blend ``global_logits (B, C, *spatial)`` with accumulated patch sums (see :meth:`accumulate`)."""
+    def blend_sums(self, global_logits: torch.Tensor, local_sum: torch.Tensor, weight_sum: torch.Tensor,
+                   in_place: bool = False) -> torch.Tensor:
+        """Blend ``global_logits (B, C, *spatial)`` with accumulated patch sums (see :meth:`accumulate`).
+
+        ``in_place`` (inference without gradients): the result is written into ``global_logits`` and
+        ``local_sum`` serves as scratch, so no full-size temporaries are allocated; returns ``global_logits``.
+        """
         if self.blend == "global":
             return global_logits
+        if in_place and torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (global_logits, local_sum, self.alpha)):
+            raise RuntimeError("blend_sums(in_place=True) is for inference: call it under torch.no_grad()")
         covered = weight_sum > 0
         # Dividing by 1 where nothing is covered keeps values and gradients finite there.
-        local_avg = torch.div(local_sum, torch.where(covered, weight_sum, torch.ones_like(weight_sum)))
+        divisor = torch.where(covered, weight_sum, torch.ones_like(weight_sum))
+        scratch = in_place and local_sum.dtype == global_logits.dtype
+        local_avg = local_sum.div_(divisor) if scratch else torch.div(local_sum, divisor).to(global_logits.dtype)
         if self.blend == "local":
             blended = local_avg
         else:
-            w = torch.sigmoid(self.alpha).to(global_logits.dtype).view(1, -1, *([1] * len(self.patch_size)))
-            blended = torch.lerp(global_logits, local_avg, 1.0 - w)  # w * global + (1 - w) * local, one pass
-        return torch.where(covered, blended, global_logits)
+            blended = torch.lerp(global_logits, local_avg, self._local_weight_view(global_logits),
+                                 out=local_avg if scratch else None)
+        return torch.where(covered, blended, global_logits, out=global_logits if in_place else None)
+
+    def _local_weight_view(self, like: torch.Tensor) -> torch.Tensor:
+        """``1 - w`` shaped ``(1, C, 1, ...)`` for broadcasting (``lerp(global, local, 1 - w)`` is
+        ``w * global + (1 - w) * local`` in one pass)."""
+        w = torch.sigmoid(self.alpha).to(like.dtype).view(1, -1, *([1] * len(self.patch_size)))
+        return 1.0 - w

@@ -383,7 +383,7 @@ class NMSWNet(nn.Module):
             sums = self.aggregation.accumulate(local[None], [in_box[chunk]], box_shape, sums)
             del local, crops
         aggregated = stage.global_padded
-        aggregated[box] = self.aggregation.blend_sums(aggregated[box], *sums)
+        self.aggregation.blend_sums(aggregated[box], *sums, in_place=True)  # writes into the box of aggregated
         return aggregated[(slice(None), slice(None), *stage.pad_slicer)]
 
     # ------------------------------------------------------------------ public
