@@ -109,8 +109,8 @@ class _GlobalStage(NamedTuple):
     x_padded: torch.Tensor
     pad_slicer: SpatialSlices
     global_low: torch.Tensor
-    global_full: torch.Tensor
-    global_padded: torch.Tensor
+    global_full: Optional[torch.Tensor]  # None until upsampled (inference defers it past the local passes)
+    global_padded: Optional[torch.Tensor]
     grid: PatchGrid
     objectness: torch.Tensor
     foreground_cells: torch.Tensor
@@ -299,7 +299,12 @@ class NMSWNet(nn.Module):
         return torch.stack(crops)
 
     # ------------------------------------------------------------------ stages
-    def _global_stage(self, x_high: torch.Tensor, x_low: Optional[torch.Tensor]) -> _GlobalStage:
+    def _full_size_global(self, global_low: torch.Tensor, spatial: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Global logits upsampled to the volume ``spatial`` and padded like it: ``(full, padded)``."""
+        global_full = self._resize(global_low, spatial)
+        return global_full, pad_to_patch_size(global_full, self.patch_size)[0]
+
+    def _global_stage(self, x_high: torch.Tensor, x_low: Optional[torch.Tensor], upsample: bool = True) -> _GlobalStage:
         self._check_volume(x_high)
         batch = x_high.shape[0]
         spatial = tuple(x_high.shape[2:])
@@ -313,9 +318,8 @@ class NMSWNet(nn.Module):
         if tuple(global_low.shape) != expected:
             raise ValueError(f"global_net returned shape {tuple(global_low.shape)}, expected {expected}")
 
-        global_full = self._resize(global_low, spatial)
+        global_full, global_padded = self._full_size_global(global_low, spatial) if upsample else (None, None)
         x_padded, pad_slicer = pad_to_patch_size(x_high, self.patch_size)
-        global_padded, _ = pad_to_patch_size(global_full, self.patch_size)
         grid, boxes = self._grid_and_boxes(tuple(x_padded.shape[2:]), pad_slicer, spatial)
 
         # Objectness: mean of the dense score map over each cell's footprint on the global grid.
@@ -365,7 +369,7 @@ class NMSWNet(nn.Module):
         The sums and the blend cover only the bounding box of the selected cells: outside it no patch
         contributes, so the output there is the upsampled global logits, written once. (Full-size
         accumulators and blending cost about as much as the global pass on a large CT volume.) The
-        stage's global logits are overwritten in place: the stage must not be used afterwards.
+        global logits are upsampled after the local passes, so the two never occupy memory together.
         """
         grid = stage.grid
         cell_slices = [grid.cell_slices(i) for i in cells]
@@ -382,7 +386,9 @@ class NMSWNet(nn.Module):
             _require_finite(local, f"the local network's output for grid cells {list(cells[chunk])}")
             sums = self.aggregation.accumulate(local[None], [in_box[chunk]], box_shape, sums)
             del local, crops
-        aggregated = stage.global_padded
+        # upsampled only now: the full-size global logits are not held during the local passes
+        spatial = tuple(s.stop - s.start for s in stage.pad_slicer)
+        aggregated = self._full_size_global(stage.global_low, spatial)[1]
         self.aggregation.blend_sums(aggregated[box], *sums, in_place=True)  # writes into the box of aggregated
         return aggregated[(slice(None), slice(None), *stage.pad_slicer)]
 
@@ -410,13 +416,13 @@ class NMSWNet(nn.Module):
         try:
             outputs = []
             for b in range(batch_volume.shape[0]):
-                stage = self._global_stage(batch_volume[b:b + 1], None)
+                stage = self._global_stage(batch_volume[b:b + 1], None, upsample=False)
                 _require_finite(stage.global_low, "the global network's output")
                 k_here = min(int(k), stage.grid.num_cells)
                 if self.infer_only_foreground and self.mask_background:
                     k_here = min(k_here, int(stage.foreground_cells.sum()))
                 if k_here == 0:
-                    outputs.append(stage.global_full)
+                    outputs.append(self._full_size_global(stage.global_low, tuple(batch_volume.shape[2:]))[0])
                     continue
                 selection = gumbel_topk(stage.objectness, k_here, self.topk.tau, 0, self.topk.noise_at_eval,
                                         self.topk.straight_through)
