@@ -281,3 +281,19 @@ def test_bad_shapes_raise_value_error(bad):
         kwargs[bad] = kwargs[bad][..., :-1]
     with pytest.raises(ValueError, match="must have"):
         selective_scan(**kwargs, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_softplus_matches_torch(dtype):
+    """The scan's softplus (exp / log2, Goldberg's log1p) equals F.softplus to a few ulp, gradient sigmoid."""
+    x = torch.cat([torch.linspace(-80, 100, 20001, dtype=dtype), torch.randn(10000, dtype=dtype) * 10,
+                   torch.tensor([0.0, 1e-30, -1e-30, 17.0, -17.0, 1e-8, -1e-8], dtype=dtype)])
+    ref = F.softplus(x.double(), threshold=1000)
+    rel_err = ((scan_module.softplus(x).double() - ref) / ref).abs().max().item()
+    assert rel_err < (4 * torch.finfo(dtype).eps if dtype == torch.float32 else 1e-14)
+    out = scan_module.softplus(torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype))
+    assert out[0] == float("inf") and out[1] == 0 and torch.isnan(out[2])
+    xg = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    scan_module.softplus(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, torch.sigmoid(xg.detach()))
+    assert torch.autograd.gradcheck(scan_module.softplus, (torch.randn(5, dtype=torch.float64, requires_grad=True),))
