@@ -107,11 +107,12 @@ def test_no_grad_forward_in_position_blocks_matches_loop(monkeypatch, invariant)
     if invariant:
         B, C = torch.randn(8, 4), torch.randn(8, 4)
     monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 2 * 8 * 4 * 32)  # batch x D_in x N x 32 positions
-    blocks, scan_block = [], scan_module._scan_block
-    monkeypatch.setattr(scan_module, "_scan_block", lambda *a, **k: blocks.append(a[0].shape[-1]) or scan_block(*a, **k))
+    blocks, chunk_states = [], scan_module._chunk_states
+    monkeypatch.setattr(scan_module, "_chunk_states",
+                        lambda chunks, *a, **k: blocks.append(chunks.rel.shape[-2:]) or chunk_states(chunks, *a, **k))
     with torch.no_grad():
         out, last = selective_scan(u, delta, A, B, C, D, z, bias, True, True, backend="torch", chunk_size=16)
-    assert blocks == [32, 32, 32, 4]
+    assert blocks == [(2, 16)] * 3 + [(1, 16)]  # chunks x T: 32, 32, 32 and 4 positions (+ 12 padded)
     if invariant:
         B, C = (m[None, :, :, None].expand(2, 8, 4, 100) for m in (B, C))
     ref, ref_last = reference_scan(u, delta, A, B, C, D, z, bias, True)

@@ -64,6 +64,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -152,20 +153,28 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
         raise ValueError(f"z must have the shape of u {tuple(u.shape)}, got {tuple(z.shape)}")
 
 
+def _softplus_values(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``max(x, 0) + log(v) + (w - (v - 1))`` with ``w = exp(-|x|)`` and ``v = 1 + w`` rounded.
+
+    ``log1p(w) = log(v) + log(1 + delta / v)`` with ``delta = w - (v - 1)``, which is exact in floating
+    point (Sterbenz) and at most half an ulp of 1: adding it restores what rounding ``1 + w`` lost (all
+    of ``w`` where ``v`` rounds to 1), to within an ulp of the result. ``out`` may be ``x`` (in place);
+    the two temporaries live in the scan's scratch buffers (fresh multi-MB tensors page-fault).
+    """
+    w, v = (b[:x.numel()].view(x.shape) for b in _workspace(x.numel(), x.dtype, x.device))
+    torch.abs(x, out=w).neg_().exp_()                        # exp(-|x|) in (0, 1]: no overflow
+    out = torch.clamp(x, min=0, out=out)
+    out.add_(torch.add(w, 1, out=v).log2_(), alpha=math.log(2.0))  # + log(v)
+    return out.add_(w.sub_(torch.add(w, 1, out=v).sub_(1)))  # + (w - (v - 1))
+
+
 class _Softplus(torch.autograd.Function):
-    """``log(1 + exp(x))`` from ``exp`` and ``log2`` (see :func:`softplus`); backward ``sigmoid(x)``."""
+    """:func:`softplus` with its derivative ``sigmoid(x)`` (autograd would replay the formula)."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        # in place where possible: fresh multi-MB temporaries page-fault on the CPU
-        w = torch.abs(x).neg_().exp_()                          # exp(-|x|) in (0, 1]: no overflow
-        v = w + 1
-        # log1p(w) = log(v) * w / (v - 1) (Goldberg): exact to a few ulp although v = 1 + w is rounded;
-        # where v rounds to 1, log1p(w) = w to float precision
-        out = torch.log2(v).mul_(math.log(2.0)).mul_(w).div_(v.sub_(1))
-        out = torch.where(v == 0, w, out, out=out)
-        return out.add_(torch.clamp(x, min=0, out=w))
+        return _softplus_values(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -173,14 +182,18 @@ class _Softplus(torch.autograd.Function):
         return grad * torch.sigmoid(x)
 
 
-def softplus(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 + exp(x))`` as ``F.softplus`` (within a few ulp), about 8x faster on the CPU.
+def softplus(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``log(1 + exp(x))`` as ``F.softplus`` (within a few ulp), about 3x faster on the CPU.
 
-    torch's CPU ``log`` / ``log1p`` / ``softplus`` kernels are several times slower than ``exp`` and
-    ``log2`` (measured, torch 2.14: softplus of 192 x 4096 floats 3.8 ms, log2 0.4 ms); softplus of
-    delta was a tenth of the scan's forward time.
+    torch's CPU ``softplus`` / ``log1p`` kernels are several times slower than ``exp`` and ``log2``
+    (measured, torch 2.14: softplus of 192 x 4096 floats 3.7 ms, exp 0.3 ms, log2 0.4 ms); softplus of
+    delta was a tenth of the scan's forward time. ``inplace`` writes into ``x`` (without gradients).
     """
-    return _Softplus.apply(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        if inplace:
+            raise RuntimeError("softplus(inplace=True) is for tensors that need no gradient")
+        return _Softplus.apply(x)
+    return _softplus_values(x, out=x if inplace else None)
 
 
 def _chunk_recurrence(decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -198,9 +211,10 @@ def _chunk_recurrence(decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor
     n = inputs.shape[0]
     if n <= _SEQUENTIAL_CHUNK_LIMIT or inputs.device.type not in _LOG_STEP_DEVICE_TYPES:
         out = torch.empty_like(inputs)
-        out[0] = inputs[0]
+        outs, ins, decays = out.unbind(0), inputs.unbind(0), decay.unbind(0)  # views, made in one call
+        outs[0].copy_(ins[0])
         for c in range(1, n):
-            torch.addcmul(inputs[c], decay[c], out[c - 1], out=out[c])
+            torch.addcmul(ins[c], decays[c], outs[c - 1], out=outs[c])
         return out
     offset = 1
     while offset < n:
@@ -215,18 +229,47 @@ def _reference_index(chunk: int) -> int:
     return max(1, chunk // 2)
 
 
-def _chunk_layout(delta5: torch.Tensor, abs_a_max: torch.Tensor, chunk_size: int, limit: float):
-    """Pick the chunk length; return ``(T, pad, head_total, tail_total, rel)`` for ``delta5 (..., 1, L)``.
+class _Chunks(NamedTuple):
+    """A sequence cut into ``n_chunks`` chunks of ``T`` positions (zero-padded at the end), computed
+    once per scan from ``delta`` and ``A``; blocks of the scan take slices of it (:meth:`part`).
 
-    With ``r = _reference_index(T)`` and ``P_p = sum_{j<p} delta_j`` inside each chunk:
-    ``rel[..., c, l] = P_{l+1} - P_r`` (formed as a prefix sum from ``r`` or a suffix sum up to ``r``:
-    no cancellation error), ``head_total = P_r`` and ``tail_total = P_T - P_r`` per chunk.
-    ``T`` is halved until ``max |A| * max(P_r, P_T - P_r) <= limit`` over all chunks, which bounds every
-    exponent used inside a chunk (``T = 1`` always qualifies: its only exponent is 0).
+    ``rel (Bt, G, Dg, 1, nc, T)``: ``P_{l+1} - P_r`` per position (``P_p = sum_{j<p} delta_j`` within the
+    chunk); chunk-major ``(nc, Bt, G, Dg, N)`` decays of each chunk: ``head = exp(S_r)`` (carried-in state
+    to the reference position), ``tail = exp(S_T - S_r)`` and ``whole = exp(S_T)``.
     """
+
+    T: int
+    pad: int
+    rel: torch.Tensor
+    head: torch.Tensor
+    tail: torch.Tensor
+    whole: torch.Tensor
+
+    def part(self, chunks: slice) -> "_Chunks":
+        return self._replace(rel=self.rel[..., chunks, :], head=self.head[chunks], tail=self.tail[chunks],
+                             whole=self.whole[chunks])
+
+    def chunked(self, t: torch.Tensor) -> torch.Tensor:
+        """``(..., L) -> (..., n_chunks, T)`` (zero-padded); time-invariant ``(..., 1)`` broadcasts."""
+        if t.shape[-1] == 1:
+            return t.unsqueeze(-1)
+        t = F.pad(t, (0, self.pad)) if self.pad else t
+        return t.reshape(*t.shape[:-1], -1, self.T)
+
+
+def _chunk_layout(delta5: torch.Tensor, a5: torch.Tensor, chunk_size: int) -> _Chunks:
+    """Pick the chunk length ``T`` for ``delta5 (..., 1, L)`` and ``a5 (1, G, Dg, N, 1)``; see :class:`_Chunks`.
+
+    With ``r = _reference_index(T)``, ``T`` is halved until ``max |A| * max(P_r, P_T - P_r) <= limit``
+    over all chunks, which bounds every exponent used inside a chunk (``T = 1`` always qualifies: its
+    only exponent is 0). ``rel`` is formed as a prefix sum from ``r`` or a suffix sum up to ``r``: no
+    cancellation error.
+    """
+    limit = _LOG_LIMIT.get(delta5.dtype, 60.0)
     length = delta5.shape[-1]
     chunk = max(1, min(chunk_size, length))
     with torch.no_grad():
+        abs_a_max = a5.detach().abs().amax(dim=-2, keepdim=True)  # (1, G, Dg, 1, 1)
         abs_delta = delta5.detach().abs()
         while chunk > 1:
             n_chunks = math.ceil(length / chunk)
@@ -247,65 +290,51 @@ def _chunk_layout(delta5: torch.Tensor, abs_a_max: torch.Tensor, chunk_size: int
     rel[..., :ref - 1] = d[..., 1:ref].flip(-1).cumsum(-1).flip(-1).neg_()   # -sum_{j=l+1}^{r-1} delta_j
     rel[..., ref - 1] = 0
     torch.cumsum(d[..., ref:], -1, out=rel[..., ref:])                         # sum_{j=r}^{l} delta_j
-    return chunk, pad, d[..., :ref].sum(-1), d[..., ref:].sum(-1), rel
+    a4 = a5.squeeze(-1)                                                        # (1, G, Dg, N)
+    # chunk-major and contiguous (an elementwise op on a moved view would keep the view's strides)
+    head, tail = ((t.movedim(-1, 0).contiguous() * a4).exp_() for t in (d[..., :ref].sum(-1), d[..., ref:].sum(-1)))
+    return _Chunks(chunk, pad, rel, head, tail, head * tail)
 
 
-def _chunk_states(delta5, a5, du5, b_mat, chunk_size: int, h0=None, scratch: bool = False):
-    """All states of ``h_l = exp(delta_l A) h_{l-1} + du_l B_l`` (``h_{-1} = h0``, default 0), chunk by chunk.
+def _chunk_states(chunks: _Chunks, a2, du, b, h0=None, out=None):
+    """All states of ``h_l = exp(delta_l A) h_{l-1} + du_l B_l`` (``h_{-1} = h0``, default 0) over ``chunks``.
 
-    Grouped 5-D layout: ``delta5, du5: (Bt, G, Dg, 1, L)``, ``a5: (1, G, Dg, N, 1)``, ``b_mat: (Bt, G, 1, N, L)``
-    or time-invariant ``(1, G, Dg, N, 1)``, ``h0: (Bt, G, Dg, N)``. Returns ``h (Bt, G, Dg, N, n_chunks, T)``
-    (positions past ``L`` are padding: zero delta and input, so they repeat the last state) and the last
-    state ``(Bt, G, Dg, N)``. ``scratch`` writes ``h`` into the reused per-thread buffers (callers that keep
-    ``h`` beyond the next scan must pass False).
+    Grouped 5-D layout, chunked: ``du: (Bt, G, Dg, 1, nc, T)``, ``a2 = A * log2(e): (1, G, Dg, N, 1, 1)``,
+    ``b: (Bt, G, 1, N, nc, T)`` or time-invariant ``(1, G, Dg, N, 1, 1)``, ``h0: (Bt, G, Dg, N)``. Returns
+    ``h (Bt, G, Dg, N, nc, T)`` (positions past ``L`` are padding: zero delta and input, so they repeat
+    the last state) and the last state ``(Bt, G, Dg, N)``. ``h`` is written into ``out`` when given, else
+    into a per-thread scratch buffer (overwritten by the next scan: callers that keep ``h`` pass ``out``).
     """
-    limit = _LOG_LIMIT.get(delta5.dtype, 60.0)
-    abs_a_max = a5.abs().amax(dim=-2, keepdim=True)  # (1, G, Dg, 1, 1)
-    chunk, pad, head_total, tail_total, rel = _chunk_layout(delta5, abs_a_max, chunk_size, limit)
-    n_chunks = rel.shape[-2]
-    full_shape = torch.broadcast_shapes(a5.unsqueeze(-1).shape, rel.shape)  # (Bt, G, Dg, N, nc, T)
-    buf_e, buf_h = (b.view(full_shape) for b in _workspace(math.prod(full_shape), rel.dtype, rel.device))
-    if not scratch:  # h is returned to be kept: its own memory (e stays temporary)
-        buf_h = torch.empty(full_shape, dtype=rel.dtype, device=rel.device)
+    rel = chunks.rel
+    full_shape = torch.broadcast_shapes(a2.shape, rel.shape)                  # (Bt, G, Dg, N, nc, T)
+    buf_e, buf_h = (b_.view(full_shape) for b_ in _workspace(math.prod(full_shape), rel.dtype, rel.device))
+    if out is not None:
+        buf_h = out
     # Fresh 50 MB tensors per operation cost more than the arithmetic on CPU: everything below writes
-    # into the two buffers in place.
-    # E_l = exp(S_{l+1} - S_r), as exp2 with A scaled by log2(e) (on the small A): torch's CPU exp2 is
-    # about 3x faster than exp (measured, torch 2.14, AVX-512). Rounding A * log2(e) shifts every
-    # exponent of a row by the same relative amount, so it cancels in the products E_l / E_k.
-    e_fwd = torch.mul(a5.unsqueeze(-1) * _LOG2_E, rel, out=buf_e).exp2_()
+    # into the two buffers in place. E_l = exp(S_{l+1} - S_r) as exp2 with A scaled by log2(e) (on the
+    # small A): torch's CPU exp2 is ~3x faster than exp (measured, torch 2.14, AVX-512). The rounding of
+    # A * log2(e) scales a row's exponents alike, so it cancels in the products E_l / E_k.
+    e_fwd = torch.mul(a2, rel, out=buf_e).exp2_()
     # exp(S_r - S_{k+1}) * du_k * B_k: each input scaled to the reference position
-    cum = torch.div(_chunked(du5, n_chunks, chunk, pad), e_fwd, out=buf_h)
-    cum.mul_(_chunked(b_mat, n_chunks, chunk, pad)).cumsum_(-1)
-    # chunk summaries chunk-major (nc, Bt, G, Dg, N): exp(S_T) per chunk and the chunk's own input
-    # E_{T-1} * cum_{T-1}, with E_{T-1} = exp(S_T - S_r) from the totals (cum's last entries are gathered
-    # in their own order, then transposed: a gather straight into chunk-major order reads one element
-    # per memory page)
-    a4 = a5.squeeze(-1)
-    head, tail = (t.movedim(-1, 0).contiguous() for t in (head_total, tail_total))
-    head_decay = torch.exp(head * a4)                                     # exp(S_r): carried-in state -> r
-    tail_decay = torch.exp(tail * a4)                                     # exp(S_T - S_r)
-    chunk_decay = head_decay * tail_decay                                 # exp(S_T)
-    chunk_inputs = cum[..., -1].contiguous().movedim(-1, 0).mul(tail_decay)
+    cum = torch.div(du, e_fwd, out=buf_h)
+    cum.mul_(b).cumsum_(-1)
+    # chunk summaries chunk-major (nc, Bt, G, Dg, N): the chunk's own input E_{T-1} * cum_{T-1}, with
+    # E_{T-1} = exp(S_T - S_r) (cum's last entries are gathered in their own order, then transposed: a
+    # gather straight into chunk-major order reads one element per memory page)
+    chunk_inputs = torch.mul(cum[..., -1].contiguous().movedim(-1, 0), chunks.tail,
+                             out=torch.empty_like(chunks.tail))  # contiguous: each recurrence step reads a block
     if h0 is not None:  # the initial state enters the first chunk's summary as carried-in input
-        chunk_inputs[0] += chunk_decay[0] * h0
-    chunk_end_states = _chunk_recurrence(chunk_decay, chunk_inputs)       # state after each chunk
-    carried = torch.empty_like(chunk_decay)                               # exp(S_r) * state before each chunk
+        chunk_inputs[0] += chunks.whole[0] * h0
+    chunk_end_states = _chunk_recurrence(chunks.whole, chunk_inputs)      # state after each chunk
+    carried = torch.empty_like(chunk_end_states)                          # exp(S_r) * state before each chunk
     if h0 is None:
         carried[0] = 0
     else:
-        torch.mul(head_decay[0], h0, out=carried[0])
-    torch.mul(head_decay[1:], chunk_end_states[:-1], out=carried[1:])
+        torch.mul(chunks.head[0], h0, out=carried[0])
+    torch.mul(chunks.head[1:], chunk_end_states[:-1], out=carried[1:])
     h = cum.add_(carried.movedim(0, -1).unsqueeze(-1)).mul_(e_fwd)        # E_l * (exp(S_r) h_init + cum_l)
     # padded steps neither decay nor add, so the state after the last chunk is the state at L - 1
     return h, chunk_end_states[-1]
-
-
-def _chunked(t: torch.Tensor, n_chunks: int, chunk: int, pad: int) -> torch.Tensor:
-    """``(..., L) -> (..., n_chunks, chunk)`` (zero-padded); time-invariant ``(..., 1)`` broadcasts."""
-    if t.shape[-1] == 1:
-        return t.unsqueeze(-1)
-    t = F.pad(t, (0, pad)) if pad else t
-    return t.reshape(*t.shape[:-1], n_chunks, chunk)
 
 
 def _unpadded(h: torch.Tensor, length: int) -> torch.Tensor:
@@ -313,15 +342,16 @@ def _unpadded(h: torch.Tensor, length: int) -> torch.Tensor:
     return h.reshape(*h.shape[:-2], -1)[..., :length]
 
 
-def _block_length(delta5: torch.Tensor, a5: torch.Tensor, chunk_size: int) -> int:
-    """Positions per block: about ``BLOCK_ELEMENTS`` state entries, a multiple of ``chunk_size``."""
-    per_position = math.prod(delta5.shape[:-2]) * a5.shape[-2]  # Bt * G * Dg * N
-    return max(chunk_size, BLOCK_ELEMENTS // per_position // chunk_size * chunk_size)
+def _chunk_blocks(delta5: torch.Tensor, a5: torch.Tensor, chunks: _Chunks) -> list[slice]:
+    """Slices of chunks, each about ``BLOCK_ELEMENTS`` state entries (at least one chunk)."""
+    per_chunk = math.prod(delta5.shape[:-2]) * a5.shape[-2] * chunks.T  # Bt * G * Dg * N * T
+    n_chunks, step = chunks.rel.shape[-2], max(1, BLOCK_ELEMENTS // per_chunk)
+    return [slice(s, min(s + step, n_chunks)) for s in range(0, n_chunks, step)]
 
 
-def _blocks(length: int, block: int, reverse: bool = False):
-    starts = range(0, length, block)
-    return [slice(s, min(s + block, length)) for s in (reversed(starts) if reverse else starts)]
+def _block_positions(block: slice, chunks: _Chunks, length: int) -> slice:
+    """The (unpadded) sequence positions of a slice of chunks."""
+    return slice(block.start * chunks.T, min(block.stop * chunks.T, length))
 
 
 def _positions(m: torch.Tensor, part: slice) -> torch.Tensor:
@@ -329,43 +359,36 @@ def _positions(m: torch.Tensor, part: slice) -> torch.Tensor:
     return m if m.shape[-1] == 1 else m[..., part]
 
 
-def _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size: int, keep_states: bool):
+def _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size: int, keep_states: bool, delta_is_scratch: bool = False):
     """Forward of the scan: ``y (Bt, G, Dg, L)``, last state and (``keep_states``) all states
-    ``h (Bt, G, Dg, N, L)``, else None.
+    ``h (Bt, G, Dg, N, L)``, else None. ``delta_is_scratch``: ``delta5`` may be overwritten.
 
-    The sequence is processed in blocks of about ``BLOCK_ELEMENTS`` state entries, each block starting
-    from the previous block's last state: the full-size tensors of one block stay in the CPU caches
-    between the ten passes over them, and the scratch memory is one block's.
+    The chunk layout is computed once; the sequence is then processed in blocks of about
+    ``BLOCK_ELEMENTS`` state entries, each block starting from the previous block's last state: the
+    full-size tensors of one block stay in the CPU caches between the ten passes over them, and the
+    scratch memory is one block's.
     """
     length = delta5.shape[-1]
-    parts = _blocks(length, _block_length(delta5, a5, chunk_size))
-    if len(parts) == 1:  # the states (if kept) are the chunked scan's own output: no copy
-        return _scan_block(delta5, u5, a5, b_mat, c_mat, chunk_size, None, keep_states=keep_states)
-    states = delta5.new_empty(torch.broadcast_shapes(delta5.shape, a5.shape)[:-1] + (length,)) if keep_states else None
-    y, last = None, None
-    for part in parts:
-        y_part, last, _ = _scan_block(delta5[..., part], u5[..., part], a5, _positions(b_mat, part),
-                                      _positions(c_mat, part), chunk_size, last,
-                                      states_out=None if states is None else states[..., part])
-        if y is None:
-            y = y_part.new_empty(y_part.shape[:-1] + (length,))
-        y[..., part] = y_part
-    return y, last, states
+    chunks = _chunk_layout(delta5, a5, chunk_size)
+    a2 = a5.unsqueeze(-1) * _LOG2_E
+    du = delta5.mul_(u5) if delta_is_scratch else delta5 * u5  # delta is not needed after the layout
+    du, b, c = (chunks.chunked(t) for t in (du, b_mat, c_mat))
+    n_chunks = chunks.rel.shape[-2]
+    y = du.new_empty(du.shape[:-3] + (n_chunks, chunks.T))                   # (Bt, G, Dg, nc, T)
+    states = du.new_empty(torch.broadcast_shapes(a2.shape, chunks.rel.shape)) if keep_states else None
+    last = None
+    for block in _chunk_blocks(delta5, a5, chunks):
+        h, last = _chunk_states(chunks.part(block), a2, du[..., block, :], _chunk_part(b, block), last,
+                                out=None if states is None else states[..., block, :])
+        c_b = _chunk_part(c, block)
+        product = torch.mul(h, c_b, out=_scratch_like(h)) if keep_states else h.mul_(c_b)
+        torch.sum(product, -3, out=y[..., block, :])                         # contract the state dim N
+    return _unpadded(y, length), last, (None if states is None else _unpadded(states, length))
 
 
-def _scan_block(delta5, u5, a5, b_mat, c_mat, chunk_size: int, h0, keep_states: bool = False, states_out=None):
-    """One block of positions: ``y``, the last state and (``keep_states``) the states ``(..., N, L)``.
-    ``states_out``: a view to copy the states into (the block's slice of the whole sequence's states)."""
-    length = delta5.shape[-1]
-    h, last = _chunk_states(delta5, a5, delta5 * u5, b_mat, chunk_size, h0=h0, scratch=not keep_states)
-    n_chunks, chunk = h.shape[-2:]
-    if states_out is not None:
-        states_out.copy_(_unpadded(h, length))
-    c_chunks = _chunked(c_mat, n_chunks, chunk, n_chunks * chunk - length)
-    product = torch.mul(h, c_chunks, out=_scratch_like(h)) if keep_states else h.mul_(c_chunks)
-    y = product.sum(-3)                                               # contract the state dim N
-    y = y.reshape(*y.shape[:-2], n_chunks * chunk)[..., :length]
-    return y, last, (_unpadded(h, length) if keep_states else None)
+def _chunk_part(m: torch.Tensor, block: slice) -> torch.Tensor:
+    """Chunks ``block`` of a chunked variable B / C; a time-invariant one is returned as is."""
+    return m if m.shape[-2] == 1 and m.shape[-1] == 1 else m[..., block, :]
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -381,10 +404,10 @@ class _ChunkedScan(torch.autograd.Function):
         du_l = delta_l sum_n g_l B_l      ddelta_l = u_l sum_n g_l B_l + sum_n q_l A
 
     (sums over ``d`` stay within a group; time-invariant ``B`` / ``C`` also sum over batch and ``l``).
-    Like the forward, the backward runs in blocks of positions (last block first, each starting from
-    the adjoint state the later block left), so a block's passes stay in the CPU caches.
-    Layouts as in :func:`_chunk_states`; ``u5`` like ``delta5``; returns ``y (Bt, G, Dg, L)`` and the last
-    state ``(Bt, G, Dg, N)``.
+    Like the forward, the backward runs in blocks of the reversed sequence (the last positions first,
+    each block starting from the adjoint state the later positions left), so a block's passes stay in
+    the CPU caches. Layouts as in :func:`_scan_values`; ``u5`` like ``delta5``; returns
+    ``y (Bt, G, Dg, L)`` and the last state ``(Bt, G, Dg, N)``.
     """
 
     @staticmethod
@@ -404,18 +427,21 @@ class _ChunkedScan(torch.autograd.Function):
         gy5 = grad_y.unsqueeze(-2)                                             # (Bt, G, Dg, 1, L)
         du5 = delta5 * u5
         a_row = a5.transpose(-1, -2)                                           # (1, G, Dg, 1, N)
-        # the adjoint state at l decays by exp(delta_{l+1} A) on its way to l - 1 (nothing after L - 1)
-        delta_next = F.pad(delta5[..., 1:], (0, 1))
+        # the adjoint recurrence runs on the reversed sequence; there the state at l decays by
+        # exp(delta_{l+1} A) on its way to l - 1 (nothing after L - 1)
+        delta_rev = F.pad(delta5[..., 1:], (0, 1)).flip(-1)
+        chunks = _chunk_layout(delta_rev, a5, ctx.chunk_size)
+        a2 = a5.unsqueeze(-1) * _LOG2_E
+        gy_rev, c_rev = (chunks.chunked(t.flip(-1) if t.shape[-1] > 1 else t) for t in (gy5, c_mat))
         grad_delta, grad_u = torch.empty_like(delta5), torch.empty_like(u5)
         grad_a, grad_b, grad_c = (torch.zeros_like(t) for t in (a5, b_mat, c_mat))
         g_after = grad_last                                                    # adjoint state after the block
-        for part in _blocks(length, _block_length(delta5, a5, ctx.chunk_size), reverse=True):
-            n = part.stop - part.start
-            c_part = _positions(c_mat, part)
-            g_rev, g_after = _chunk_states(delta_next[..., part].flip(-1), a5, gy5[..., part].flip(-1),
-                                           c_part.flip(-1) if c_part.shape[-1] > 1 else c_part, ctx.chunk_size,
-                                           h0=g_after, scratch=True)
-            g = _unpadded(g_rev, n).flip(-1)                                   # (Bt, G, Dg, N, n)
+        for block in _chunk_blocks(delta5, a5, chunks):
+            rev = _block_positions(block, chunks, length)
+            part = slice(length - rev.stop, length - rev.start)                # the same positions, in order
+            g_rev, g_after = _chunk_states(chunks.part(block), a2, gy_rev[..., block, :], _chunk_part(c_rev, block),
+                                           h0=g_after)
+            g = _unpadded(g_rev, rev.stop - rev.start).flip(-1)                # (Bt, G, Dg, N, n)
             h_p, du_p, b_p, d_p = h[..., part], du5[..., part], _positions(b_mat, part), delta5[..., part]
             # the reverse scan is done with the scratch buffers: products go there instead of fresh memory
             scratch = _scratch_like(g)
@@ -490,31 +516,43 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     batch, d_in, length = u.shape
     n_state = A.shape[1]
+    # without gradients, tensors this function made itself (delta after bias / softplus, y) are
+    # updated in place: fresh multi-MB temporaries page-fault on the CPU
+    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (u, delta, A, B, C, D, z, delta_bias))
     u_c = u.to(compute)
-    delta = delta.to(compute)
+    delta_c = delta.to(compute)
     if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[:, None]
+        delta_c = delta_c + delta_bias.to(compute)[:, None]
     if delta_softplus:
-        delta = softplus(delta)
+        delta_c = softplus(delta_c, inplace=not track and delta_c is not delta)
     g_b = B.shape[1] if B.dim() == 4 else 1
     g_c = C.shape[1] if C.dim() == 4 else 1
     groups = g_b * g_c // math.gcd(g_b, g_c)
     d_group = d_in // groups
 
-    delta5 = delta.reshape(batch, groups, d_group, 1, length)
+    delta5 = delta_c.reshape(batch, groups, d_group, 1, length)
     u5 = u_c.reshape(batch, groups, d_group, 1, length)
     a5 = A.to(compute).reshape(1, groups, d_group, n_state, 1)
     b_mat = _grouped(B.to(compute), groups, d_group, batch)
     c_mat = _grouped(C.to(compute), groups, d_group, batch)
 
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (delta5, u5, a5, b_mat, c_mat)):
+    if track and any(t.requires_grad for t in (delta5, u5, a5, b_mat, c_mat)):
         y, last = _ChunkedScan.apply(delta5, u5, a5, b_mat, c_mat, chunk_size)
     else:
-        y, last, _ = _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size, keep_states=False)
-    y = y.reshape(batch, d_in, length)
-    out = y if D is None else y + u_c * D.to(compute)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(compute))
+        y, last, _ = _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size, keep_states=False,
+                                  delta_is_scratch=not track and delta_c is not delta)
+    y = y.reshape(batch, d_in, length)  # a view of the scan's own output (a copy if it was padded)
+    if track:
+        out = y if D is None else y + u_c * D.to(compute)[:, None]
+        if z is not None:
+            out = out * F.silu(z.to(compute))
+    else:
+        out = y if D is None else y.addcmul_(u_c, D.to(compute)[:, None])
+        if z is not None:
+            z_c = z.to(compute)
+            gate = _workspace(z_c.numel(), compute, z_c.device)[0][:z_c.numel()].view(z_c.shape)
+            out.mul_(torch.sigmoid(z_c, out=gate).mul_(z_c))                # silu(z)
     out = out.to(out_dtype)
     if return_last_state:
         return out, last.reshape(batch, d_in, n_state)
