@@ -298,3 +298,23 @@ def test_fast_softplus_matches_torch(dtype):
     scan_module.softplus(xg).sum().backward()
     torch.testing.assert_close(xg.grad, torch.sigmoid(xg.detach()))
     assert torch.autograd.gradcheck(scan_module.softplus, (torch.randn(5, dtype=torch.float64, requires_grad=True),))
+
+
+@pytest.mark.parametrize("config", ["all", "softplus_only", "plain"])
+def test_no_grad_path_works_in_place_on_its_own_tensors_only(config):
+    """Without gradients delta, the output and the gate are computed in place: the caller's tensors stay
+    untouched and the numbers equal the gradient path's."""
+    opts = CONFIGS[config]
+    u, delta, A, B, C, D, z, bias = make_inputs(70)
+    args = (u, delta, A, B, C, D if opts.get("use_D") else None, z if opts.get("use_z") else None,
+            bias if opts.get("use_bias") else None, opts.get("softplus", False))
+    before = [t.clone() if t is not None else None for t in args[:8]]
+    with torch.no_grad():
+        out = selective_scan(*args, backend="torch", chunk_size=16)
+    for t, saved in zip(args[:8], before):
+        assert t is None or torch.equal(t, saved)
+    grad_args = [t.clone().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
+    torch.testing.assert_close(out, selective_scan(*grad_args, backend="torch", chunk_size=16).detach(),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        scan_module.softplus(grad_args[1], inplace=True)

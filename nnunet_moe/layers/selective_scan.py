@@ -257,42 +257,49 @@ class _Chunks(NamedTuple):
         return t.reshape(*t.shape[:-1], -1, self.T)
 
 
+def _half_sums(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Per chunk of ``x (..., 1, L)`` (zero-padded): sums before and from ``r`` -> ``(..., 1, nc, 2)``."""
+    pad = -x.shape[-1] % chunk
+    d = (F.pad(x, (0, pad)) if pad else x).reshape(*x.shape[:-1], -1, chunk)
+    ref = _reference_index(chunk)
+    if chunk == 2 * ref:
+        return d.reshape(*d.shape[:-1], 2, ref).sum(-1)
+    return torch.stack([d[..., :ref].sum(-1), d[..., ref:].sum(-1)], -1)
+
+
 def _chunk_layout(delta5: torch.Tensor, a5: torch.Tensor, chunk_size: int) -> _Chunks:
     """Pick the chunk length ``T`` for ``delta5 (..., 1, L)`` and ``a5 (1, G, Dg, N, 1)``; see :class:`_Chunks`.
 
     With ``r = _reference_index(T)``, ``T`` is halved until ``max |A| * max(P_r, P_T - P_r) <= limit``
-    over all chunks, which bounds every exponent used inside a chunk (``T = 1`` always qualifies: its
-    only exponent is 0). ``rel`` is formed as a prefix sum from ``r`` or a suffix sum up to ``r``: no
-    cancellation error.
+    over all chunks (sums of ``|delta|``), which bounds every exponent used inside a chunk (``T = 1``
+    always qualifies: its only exponent is 0). ``rel`` is formed as a prefix sum from ``r`` or a suffix
+    sum up to ``r``: no cancellation error.
     """
     limit = _LOG_LIMIT.get(delta5.dtype, 60.0)
-    length = delta5.shape[-1]
-    chunk = max(1, min(chunk_size, length))
+    chunk = max(1, min(chunk_size, delta5.shape[-1]))
     with torch.no_grad():
-        abs_a_max = a5.detach().abs().amax(dim=-2, keepdim=True)  # (1, G, Dg, 1, 1)
-        abs_delta = delta5.detach().abs()
-        while chunk > 1:
-            n_chunks = math.ceil(length / chunk)
-            pad = n_chunks * chunk - length
-            d = F.pad(abs_delta, (0, pad)) if pad else abs_delta
-            d = d.reshape(*d.shape[:-1], n_chunks, chunk)
-            ref = _reference_index(chunk)
-            bound = float((abs_a_max * torch.maximum(d[..., :ref].sum(-1), d[..., ref:].sum(-1))).amax())
-            if bound <= limit:
+        delta5 = delta5.detach()
+        abs_a_max = a5.detach().abs().amax(dim=-2, keepdim=True).unsqueeze(-1)  # (1, G, Dg, 1, 1, 1)
+        nonneg = bool(delta5.amin() >= 0)  # always after softplus: then |delta| = delta
+        sizes = delta5 if nonneg else delta5.abs()
+        while True:
+            halves = _half_sums(sizes, chunk)
+            if chunk == 1 or float((abs_a_max * halves).amax()) <= limit:
                 break
             chunk //= 2
-    n_chunks = math.ceil(length / chunk)
-    pad = n_chunks * chunk - length
-    d = F.pad(delta5, (0, pad)) if pad else delta5  # zero delta: the padded steps neither decay nor add
-    d = d.reshape(*d.shape[:-1], n_chunks, chunk)
-    ref = _reference_index(chunk)
-    rel = torch.empty_like(d)
-    rel[..., :ref - 1] = d[..., 1:ref].flip(-1).cumsum(-1).flip(-1).neg_()   # -sum_{j=l+1}^{r-1} delta_j
-    rel[..., ref - 1] = 0
-    torch.cumsum(d[..., ref:], -1, out=rel[..., ref:])                         # sum_{j=r}^{l} delta_j
-    a4 = a5.squeeze(-1)                                                        # (1, G, Dg, N)
-    # chunk-major and contiguous (an elementwise op on a moved view would keep the view's strides)
-    head, tail = ((t.movedim(-1, 0).contiguous() * a4).exp_() for t in (d[..., :ref].sum(-1), d[..., ref:].sum(-1)))
+        totals = halves if nonneg else _half_sums(delta5, chunk)  # P_r and P_T - P_r per chunk
+        pad = -delta5.shape[-1] % chunk
+        d = F.pad(delta5, (0, pad)) if pad else delta5  # zero delta: the padded steps neither decay nor add
+        d = d.reshape(*d.shape[:-1], -1, chunk)
+        ref = _reference_index(chunk)
+        rel = torch.empty_like(d)
+        if ref > 1:  # -sum_{j=l+1}^{r-1} delta_j: a cumsum of the reversed positions (flip copies)
+            torch.neg(d[..., 1:ref].flip(-1).cumsum_(-1).flip(-1), out=rel[..., :ref - 1])
+        rel[..., ref - 1] = 0
+        torch.cumsum(d[..., ref:], -1, out=rel[..., ref:])                    # sum_{j=r}^{l} delta_j
+        # chunk-major and contiguous (an elementwise op on a moved view would keep the view's strides)
+        a4 = a5.squeeze(-1) * _LOG2_E                                          # (1, G, Dg, N)
+        head, tail = ((totals[..., k].movedim(-1, 0).contiguous() * a4).exp2_() for k in (0, 1))
     return _Chunks(chunk, pad, rel, head, tail, head * tail)
 
 
