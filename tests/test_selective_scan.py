@@ -112,7 +112,7 @@ def test_no_grad_forward_in_position_blocks_matches_loop(monkeypatch, invariant)
                         lambda chunks, *a, **k: blocks.append(chunks.rel.shape[-2:]) or chunk_states(chunks, *a, **k))
     with torch.no_grad():
         out, last = selective_scan(u, delta, A, B, C, D, z, bias, True, True, backend="torch", chunk_size=16)
-    assert blocks == [(2, 16)] * 3 + [(1, 16)]  # chunks x T: 32, 32, 32 and 4 positions (+ 12 padded)
+    assert blocks == [(2, 16)] * 3 + [(1, 4)]  # chunks x T: 32, 32, 32 and 4 positions
     if invariant:
         B, C = (m[None, :, :, None].expand(2, 8, 4, 100) for m in (B, C))
     ref, ref_last = reference_scan(u, delta, A, B, C, D, z, bias, True)
@@ -318,3 +318,23 @@ def test_no_grad_path_works_in_place_on_its_own_tensors_only(config):
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="no gradient"):
         scan_module.softplus(grad_args[1], inplace=True)
+
+
+def test_chunk_length_is_chosen_per_block(monkeypatch):
+    """Large decays in one block shorten only that block's chunks; values and gradients stay exact."""
+    g = torch.Generator().manual_seed(21)
+    u = torch.randn(1, 4, 96, generator=g)
+    delta = torch.rand(1, 4, 96, generator=g) * 0.05
+    delta[..., 40:56] = 20.0                                # |delta * A| up to 200 per step in block 2
+    A = -torch.rand(4, 3, generator=g) * 10
+    B, C = torch.randn(1, 3, 96, generator=g), torch.randn(1, 3, 96, generator=g)
+    monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 4 * 3 * 32)  # blocks of 32 positions
+    lengths, chunk_states = [], scan_module._chunk_states
+    monkeypatch.setattr(scan_module, "_chunk_states",
+                        lambda chunks, *a, **k: lengths.append(chunks.T) or chunk_states(chunks, *a, **k))
+    with torch.no_grad():
+        out = selective_scan(u, delta, A, B, C, backend="torch", chunk_size=32)
+    assert lengths[0] == lengths[2] == 32 and lengths[1] == 1
+    assert_close_to_reference(out, reference_scan(u, delta, A, B, C)[0])
+    _grads_vs_reference((u, delta, A, B, C), lambda *t: selective_scan(*t, backend="torch", chunk_size=32),
+                        lambda *t: reference_scan(*t)[0], u.shape)

@@ -29,8 +29,8 @@ closed form::
 
 so one ``cumsum`` over the chunk replaces the loop. Measuring the log-decays from the middle of the
 chunk bounds every exponent by the larger half's log-decay ``|A| * sum(delta)`` (half the chunk's
-total, compared with measuring from an end, so chunks can be twice as long). ``T`` is chosen per call
-(halved from ``chunk_size``) so that this bound stays below ``60`` in float32 (``600`` in float64): no
+total, compared with measuring from an end, so chunks can be twice as long). ``T`` is chosen per block
+of positions (halved from ``chunk_size``) so that this bound stays below ``60`` in float32 (``600`` in float64): no
 factor inside a chunk overflows or underflows, whatever the magnitudes of ``delta`` and ``A``
 (``T = 1`` is always admissible). Only whole-chunk decays ``exp(S_T)`` may underflow to 0, which drops
 contributions far below float32 resolution of the carried state.
@@ -230,8 +230,7 @@ def _reference_index(chunk: int) -> int:
 
 
 class _Chunks(NamedTuple):
-    """A sequence cut into ``n_chunks`` chunks of ``T`` positions (zero-padded at the end), computed
-    once per scan from ``delta`` and ``A``; blocks of the scan take slices of it (:meth:`part`).
+    """A block of positions cut into ``n_chunks`` chunks of ``T`` positions (zero-padded at the end).
 
     ``rel (Bt, G, Dg, 1, nc, T)``: ``P_{l+1} - P_r`` per position (``P_p = sum_{j<p} delta_j`` within the
     chunk); chunk-major ``(nc, Bt, G, Dg, N)`` decays of each chunk: ``head = exp(S_r)`` (carried-in state
@@ -244,10 +243,6 @@ class _Chunks(NamedTuple):
     head: torch.Tensor
     tail: torch.Tensor
     whole: torch.Tensor
-
-    def part(self, chunks: slice) -> "_Chunks":
-        return self._replace(rel=self.rel[..., chunks, :], head=self.head[chunks], tail=self.tail[chunks],
-                             whole=self.whole[chunks])
 
     def chunked(self, t: torch.Tensor) -> torch.Tensor:
         """``(..., L) -> (..., n_chunks, T)`` (zero-padded); time-invariant ``(..., 1)`` broadcasts."""
@@ -267,20 +262,20 @@ def _half_sums(x: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.stack([d[..., :ref].sum(-1), d[..., ref:].sum(-1)], -1)
 
 
-def _chunk_layout(delta5: torch.Tensor, a5: torch.Tensor, chunk_size: int) -> _Chunks:
+def _chunk_layout(delta5: torch.Tensor, a5: torch.Tensor, chunk_size: int, nonneg: bool) -> _Chunks:
     """Pick the chunk length ``T`` for ``delta5 (..., 1, L)`` and ``a5 (1, G, Dg, N, 1)``; see :class:`_Chunks`.
 
     With ``r = _reference_index(T)``, ``T`` is halved until ``max |A| * max(P_r, P_T - P_r) <= limit``
     over all chunks (sums of ``|delta|``), which bounds every exponent used inside a chunk (``T = 1``
-    always qualifies: its only exponent is 0). ``rel`` is formed as a prefix sum from ``r`` or a suffix
-    sum up to ``r``: no cancellation error.
+    always qualifies: its only exponent is 0). Chosen per block of positions, so that a few large
+    decays shorten only their block's chunks. ``rel`` is formed as a prefix sum from ``r`` or a suffix
+    sum up to ``r``: no cancellation error. ``nonneg``: ``delta >= 0`` (after softplus), ``|delta| = delta``.
     """
     limit = _LOG_LIMIT.get(delta5.dtype, 60.0)
     chunk = max(1, min(chunk_size, delta5.shape[-1]))
     with torch.no_grad():
         delta5 = delta5.detach()
         abs_a_max = a5.detach().abs().amax(dim=-2, keepdim=True).unsqueeze(-1)  # (1, G, Dg, 1, 1, 1)
-        nonneg = bool(delta5.amin() >= 0)  # always after softplus: then |delta| = delta
         sizes = delta5 if nonneg else delta5.abs()
         while True:
             halves = _half_sums(sizes, chunk)
@@ -349,16 +344,17 @@ def _unpadded(h: torch.Tensor, length: int) -> torch.Tensor:
     return h.reshape(*h.shape[:-2], -1)[..., :length]
 
 
-def _chunk_blocks(delta5: torch.Tensor, a5: torch.Tensor, chunks: _Chunks) -> list[slice]:
-    """Slices of chunks, each about ``BLOCK_ELEMENTS`` state entries (at least one chunk)."""
-    per_chunk = math.prod(delta5.shape[:-2]) * a5.shape[-2] * chunks.T  # Bt * G * Dg * N * T
-    n_chunks, step = chunks.rel.shape[-2], max(1, BLOCK_ELEMENTS // per_chunk)
-    return [slice(s, min(s + step, n_chunks)) for s in range(0, n_chunks, step)]
+def _blocks(delta5: torch.Tensor, a5: torch.Tensor, chunk_size: int) -> list[slice]:
+    """Blocks of positions of about ``BLOCK_ELEMENTS`` state entries, each a multiple of ``chunk_size``
+    positions (so whole chunks of any ``T`` dividing it) except the last."""
+    per_position = math.prod(delta5.shape[:-2]) * a5.shape[-2]  # Bt * G * Dg * N
+    length = delta5.shape[-1]
+    block = max(chunk_size, BLOCK_ELEMENTS // per_position // chunk_size * chunk_size)
+    return [slice(s, min(s + block, length)) for s in range(0, length, block)]
 
 
-def _block_positions(block: slice, chunks: _Chunks, length: int) -> slice:
-    """The (unpadded) sequence positions of a slice of chunks."""
-    return slice(block.start * chunks.T, min(block.stop * chunks.T, length))
+def _nonneg(delta5: torch.Tensor) -> bool:
+    return bool(delta5.detach().amin() >= 0)
 
 
 def _positions(m: torch.Tensor, part: slice) -> torch.Tensor:
@@ -370,32 +366,36 @@ def _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size: int, keep_states: boo
     """Forward of the scan: ``y (Bt, G, Dg, L)``, last state and (``keep_states``) all states
     ``h (Bt, G, Dg, N, L)``, else None. ``delta_is_scratch``: ``delta5`` may be overwritten.
 
-    The chunk layout is computed once; the sequence is then processed in blocks of about
-    ``BLOCK_ELEMENTS`` state entries, each block starting from the previous block's last state: the
-    full-size tensors of one block stay in the CPU caches between the ten passes over them, and the
-    scratch memory is one block's.
+    The sequence is processed in blocks of about ``BLOCK_ELEMENTS`` state entries, each with its own
+    chunk length and starting from the previous block's last state: the full-size tensors of one block
+    stay in the CPU caches between the ten passes over them, and the scratch memory is one block's.
+    The chunk layouts are made first, so that ``delta`` can then become ``delta * u`` in place.
     """
     length = delta5.shape[-1]
-    chunks = _chunk_layout(delta5, a5, chunk_size)
+    nonneg = _nonneg(delta5)
     a2 = a5.unsqueeze(-1) * _LOG2_E
-    du = delta5.mul_(u5) if delta_is_scratch else delta5 * u5  # delta is not needed after the layout
-    du, b, c = (chunks.chunked(t) for t in (du, b_mat, c_mat))
-    n_chunks = chunks.rel.shape[-2]
-    y = du.new_empty(du.shape[:-3] + (n_chunks, chunks.T))                   # (Bt, G, Dg, nc, T)
-    states = du.new_empty(torch.broadcast_shapes(a2.shape, chunks.rel.shape)) if keep_states else None
+    parts = _blocks(delta5, a5, chunk_size)
+    layouts = [_chunk_layout(delta5[..., part], a5, chunk_size, nonneg) for part in parts]
+    du = delta5.mul_(u5) if delta_is_scratch else delta5 * u5  # delta is not needed after the layouts
+    y = du.new_empty(du.shape[:-2] + (length,))                                  # (Bt, G, Dg, L)
+    states = du.new_empty(torch.broadcast_shapes(du.shape, a5.shape)[:-1] + (length,)) if keep_states else None
     last = None
-    for block in _chunk_blocks(delta5, a5, chunks):
-        h, last = _chunk_states(chunks.part(block), a2, du[..., block, :], _chunk_part(b, block), last,
-                                out=None if states is None else states[..., block, :])
-        c_b = _chunk_part(c, block)
-        product = torch.mul(h, c_b, out=_scratch_like(h)) if keep_states else h.mul_(c_b)
-        torch.sum(product, -3, out=y[..., block, :])                         # contract the state dim N
-    return _unpadded(y, length), last, (None if states is None else _unpadded(states, length))
-
-
-def _chunk_part(m: torch.Tensor, block: slice) -> torch.Tensor:
-    """Chunks ``block`` of a chunked variable B / C; a time-invariant one is returned as is."""
-    return m if m.shape[-2] == 1 and m.shape[-1] == 1 else m[..., block, :]
+    for part, chunks in zip(parts, layouts):
+        n = part.stop - part.start
+        whole = states is not None and len(parts) == 1 and not chunks.pad  # the states are h itself
+        h, last = _chunk_states(chunks, a2, chunks.chunked(du[..., part]), chunks.chunked(_positions(b_mat, part)),
+                                last, out=chunks.chunked(states) if whole else None)
+        if states is not None and not whole:
+            # formed in the (contiguous, cache-resident) scratch buffer, then copied out: formed in place
+            # in a slice of the whole states, every pass would stride through them
+            states[..., part].copy_(_unpadded(h, n))
+        c = chunks.chunked(_positions(c_mat, part))
+        product = torch.mul(h, c, out=_scratch_like(h)) if keep_states else h.mul_(c)
+        if chunks.pad:
+            y[..., part] = _unpadded(product.sum(-3), n)
+        else:                                                                    # contract the state dim N
+            torch.sum(product, -3, out=y[..., part].unflatten(-1, (-1, chunks.T)))
+    return y, last, states
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -437,17 +437,17 @@ class _ChunkedScan(torch.autograd.Function):
         # the adjoint recurrence runs on the reversed sequence; there the state at l decays by
         # exp(delta_{l+1} A) on its way to l - 1 (nothing after L - 1)
         delta_rev = F.pad(delta5[..., 1:], (0, 1)).flip(-1)
-        chunks = _chunk_layout(delta_rev, a5, ctx.chunk_size)
+        nonneg = _nonneg(delta_rev)
         a2 = a5.unsqueeze(-1) * _LOG2_E
-        gy_rev, c_rev = (chunks.chunked(t.flip(-1) if t.shape[-1] > 1 else t) for t in (gy5, c_mat))
+        gy_rev, c_rev = (t.flip(-1) if t.shape[-1] > 1 else t for t in (gy5, c_mat))
         grad_delta, grad_u = torch.empty_like(delta5), torch.empty_like(u5)
         grad_a, grad_b, grad_c = (torch.zeros_like(t) for t in (a5, b_mat, c_mat))
         g_after = grad_last                                                    # adjoint state after the block
-        for block in _chunk_blocks(delta5, a5, chunks):
-            rev = _block_positions(block, chunks, length)
+        for rev in _blocks(delta_rev, a5, ctx.chunk_size):
             part = slice(length - rev.stop, length - rev.start)                # the same positions, in order
-            g_rev, g_after = _chunk_states(chunks.part(block), a2, gy_rev[..., block, :], _chunk_part(c_rev, block),
-                                           h0=g_after)
+            chunks = _chunk_layout(delta_rev[..., rev], a5, ctx.chunk_size, nonneg)
+            g_rev, g_after = _chunk_states(chunks, a2, chunks.chunked(gy_rev[..., rev]),
+                                           chunks.chunked(_positions(c_rev, rev)), h0=g_after)
             g = _unpadded(g_rev, rev.stop - rev.start).flip(-1)                # (Bt, G, Dg, N, n)
             h_p, du_p, b_p, d_p = h[..., part], du5[..., part], _positions(b_mat, part), delta5[..., part]
             # the reverse scan is done with the scratch buffers: products go there instead of fresh memory
@@ -472,8 +472,9 @@ def _add_block_grad(grad: torch.Tensor, part: slice, block_grad: torch.Tensor) -
 
 
 # State entries (batch x channels x N x positions) per block of the scan. Blocks of 8 MB
-# (float32) measured fastest among 2-16 MB on this project's 2-core Xeon (2.5 MB L2 per core, 48 MB
-# L3): 1.2x (D_in 192) to 1.9x (D_in 192, L 32768) faster than one block of the whole sequence.
+# (float32) measured fastest among 2-16 MB on a 2-core Xeon (2.5 MB L2 per core, 48 MB L3): 1.2x
+# (D_in 192) to 1.9x (D_in 192, L 32768) faster than one block of the whole sequence; on a 2-core
+# AMD EPYC (1 MB L2 per core, 32 MB L3) 4 and 8 MB were equal, 2 and 16 MB slower.
 BLOCK_ELEMENTS = 2 ** 21
 _WORKSPACE = threading.local()
 # Reusing two scratch buffers avoids the page faults of fresh allocations (they tripled the cost of
