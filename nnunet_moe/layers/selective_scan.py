@@ -369,21 +369,22 @@ def _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size: int, keep_states: boo
     The sequence is processed in blocks of about ``BLOCK_ELEMENTS`` state entries, each with its own
     chunk length and starting from the previous block's last state: the full-size tensors of one block
     stay in the CPU caches between the ten passes over them, and the scratch memory is one block's.
-    The chunk layouts are made first, so that ``delta`` can then become ``delta * u`` in place.
+    A block's ``delta`` becomes ``delta * u`` in place once its layout is made (``delta_is_scratch``).
     """
     length = delta5.shape[-1]
     nonneg = _nonneg(delta5)
     a2 = a5.unsqueeze(-1) * _LOG2_E
     parts = _blocks(delta5, a5, chunk_size)
-    layouts = [_chunk_layout(delta5[..., part], a5, chunk_size, nonneg) for part in parts]
-    du = delta5.mul_(u5) if delta_is_scratch else delta5 * u5  # delta is not needed after the layouts
-    y = du.new_empty(du.shape[:-2] + (length,))                                  # (Bt, G, Dg, L)
-    states = du.new_empty(torch.broadcast_shapes(du.shape, a5.shape)[:-1] + (length,)) if keep_states else None
+    y = delta5.new_empty(delta5.shape[:-2] + (length,))                          # (Bt, G, Dg, L)
+    states = delta5.new_empty(torch.broadcast_shapes(delta5.shape, a5.shape)[:-1] + (length,)) if keep_states else None
     last = None
-    for part, chunks in zip(parts, layouts):
+    for part in parts:
         n = part.stop - part.start
+        chunks = _chunk_layout(delta5[..., part], a5, chunk_size, nonneg)
+        # the block's delta is not needed after its layout
+        du = delta5[..., part].mul_(u5[..., part]) if delta_is_scratch else delta5[..., part] * u5[..., part]
         whole = states is not None and len(parts) == 1 and not chunks.pad  # the states are h itself
-        h, last = _chunk_states(chunks, a2, chunks.chunked(du[..., part]), chunks.chunked(_positions(b_mat, part)),
+        h, last = _chunk_states(chunks, a2, chunks.chunked(du), chunks.chunked(_positions(b_mat, part)),
                                 last, out=chunks.chunked(states) if whole else None)
         if states is not None and not whole:
             # formed in the (contiguous, cache-resident) scratch buffer, then copied out: formed in place
