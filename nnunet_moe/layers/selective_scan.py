@@ -161,7 +161,7 @@ def _softplus_values(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     of ``w`` where ``v`` rounds to 1), to within an ulp of the result. ``out`` may be ``x`` (in place);
     the two temporaries live in the scan's scratch buffers (fresh multi-MB tensors page-fault).
     """
-    w, v = (b[:x.numel()].view(x.shape) for b in _workspace(x.numel(), x.dtype, x.device))
+    w, v = (b.view(x.shape) for b in _workspace(x.numel(), x.dtype, x.device))
     torch.abs(x, out=w).neg_().exp_()                        # exp(-|x|) in (0, 1]: no overflow
     out = torch.clamp(x, min=0, out=out)
     out.add_(torch.add(w, 1, out=v).log2_(), alpha=math.log(2.0))  # + log(v)
@@ -245,17 +245,21 @@ class _Chunks(NamedTuple):
     whole: torch.Tensor
 
     def chunked(self, t: torch.Tensor) -> torch.Tensor:
-        """``(..., L) -> (..., n_chunks, T)`` (zero-padded); time-invariant ``(..., 1)`` broadcasts."""
-        if t.shape[-1] == 1:
-            return t.unsqueeze(-1)
-        t = F.pad(t, (0, self.pad)) if self.pad else t
-        return t.reshape(*t.shape[:-1], -1, self.T)
+        return _chunked(t, self.T)
+
+
+def _chunked(t: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``(..., L) -> (..., n_chunks, chunk)`` (zero-padded); time-invariant ``(..., 1)`` broadcasts."""
+    if t.shape[-1] == 1:
+        return t.unsqueeze(-1)
+    pad = -t.shape[-1] % chunk
+    t = F.pad(t, (0, pad)) if pad else t
+    return t.reshape(*t.shape[:-1], -1, chunk)
 
 
 def _half_sums(x: torch.Tensor, chunk: int) -> torch.Tensor:
     """Per chunk of ``x (..., 1, L)`` (zero-padded): sums before and from ``r`` -> ``(..., 1, nc, 2)``."""
-    pad = -x.shape[-1] % chunk
-    d = (F.pad(x, (0, pad)) if pad else x).reshape(*x.shape[:-1], -1, chunk)
+    d = _chunked(x, chunk)
     ref = _reference_index(chunk)
     if chunk == 2 * ref:
         return d.reshape(*d.shape[:-1], 2, ref).sum(-1)
@@ -283,9 +287,7 @@ def _chunk_layout(delta5: torch.Tensor, a5: torch.Tensor, chunk_size: int, nonne
                 break
             chunk //= 2
         totals = halves if nonneg else _half_sums(delta5, chunk)  # P_r and P_T - P_r per chunk
-        pad = -delta5.shape[-1] % chunk
-        d = F.pad(delta5, (0, pad)) if pad else delta5  # zero delta: the padded steps neither decay nor add
-        d = d.reshape(*d.shape[:-1], -1, chunk)
+        d = _chunked(delta5, chunk)  # zero delta: the padded steps neither decay nor add
         ref = _reference_index(chunk)
         rel = torch.empty_like(d)
         if ref > 1:  # -sum_{j=l+1}^{r-1} delta_j: a cumsum of the reversed positions (flip copies)
@@ -295,7 +297,7 @@ def _chunk_layout(delta5: torch.Tensor, a5: torch.Tensor, chunk_size: int, nonne
         # chunk-major and contiguous (an elementwise op on a moved view would keep the view's strides)
         a4 = a5.squeeze(-1) * _LOG2_E                                          # (1, G, Dg, N)
         head, tail = ((totals[..., k].movedim(-1, 0).contiguous() * a4).exp2_() for k in (0, 1))
-    return _Chunks(chunk, pad, rel, head, tail, head * tail)
+    return _Chunks(chunk, -delta5.shape[-1] % chunk, rel, head, tail, head * tail)
 
 
 def _chunk_states(chunks: _Chunks, a2, du, b, h0=None, out=None):
@@ -551,7 +553,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     else:
         y, last, _ = _scan_values(delta5, u5, a5, b_mat, c_mat, chunk_size, keep_states=False,
                                   delta_is_scratch=not track and delta_c is not delta)
-    y = y.reshape(batch, d_in, length)  # a view of the scan's own output (a copy if it was padded)
+    y = y.reshape(batch, d_in, length)  # a view of the scan's own output
     if track:
         out = y if D is None else y + u_c * D.to(compute)[:, None]
         if z is not None:
@@ -560,8 +562,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
         out = y if D is None else y.addcmul_(u_c, D.to(compute)[:, None])
         if z is not None:
             z_c = z.to(compute)
-            gate = _workspace(z_c.numel(), compute, z_c.device)[0][:z_c.numel()].view(z_c.shape)
-            out.mul_(torch.sigmoid(z_c, out=gate).mul_(z_c))                # silu(z)
+            out.mul_(torch.sigmoid(z_c, out=_scratch_like(z_c)).mul_(z_c))  # silu(z)
     out = out.to(out_dtype)
     if return_last_state:
         return out, last.reshape(batch, d_in, n_state)
