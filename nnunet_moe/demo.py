@@ -16,26 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 
-from nnunet_moe.demo_dataset import write_demo_dataset
-from nnunet_moe.nnunet_paths import set_default_paths
+from nnunet_moe.demo_dataset import (DEFAULT_CONFIGURATION, DEFAULT_DATASET_ID, DEFAULT_DATASET_NAME,
+                                     write_demo_dataset)
+from nnunet_moe.folders import free_folder
+from nnunet_moe.nnunet_paths import nnunet_command, planning_env, set_default_paths
 
 DEFAULT_TRAINER = "nnUNetTrainerAdam1en3_3epochs_30iters"
-DEFAULT_CONFIGURATION = "3d_fullres"
-
-
-def nnunet_command(name: str) -> str:
-    """Path of a stock nnU-Net console command of this environment."""
-    local = os.path.join(os.path.dirname(sys.executable), name)
-    found = local if os.path.exists(local) else shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"The nnU-Net command {name} was not found next to {sys.executable} nor on PATH; "
-                                f"is nnunetv2 installed in this environment (pip install 'nnunetv2>=2.8,<2.9')?")
-    return found
 
 
 def run_streamed(cmd: list, env: dict | None = None, log=print) -> None:
@@ -53,22 +42,14 @@ def training_env(device: str) -> dict:
     return env
 
 
-def free_folder(path: str) -> str:
-    """``path`` if it does not exist yet, else ``path_2``, ``path_3``... (never reuse a user's folder)."""
-    candidate, i = path, 1
-    while os.path.exists(candidate):
-        i += 1
-        candidate = f"{path}_{i}"
-    return candidate
-
-
-def run_demo(work_dir: str = "nnunet_moe_demo", dataset_id: int = 501, dataset_name: str = "Hippocampus",
+def run_demo(work_dir: str = "nnunet_moe_demo", dataset_id: int = DEFAULT_DATASET_ID,
+             dataset_name: str = DEFAULT_DATASET_NAME,
              trainer: str = DEFAULT_TRAINER, configuration: str = DEFAULT_CONFIGURATION, fold: int = 0,
              device: str = "cpu", num_test: int = 10, num_train: int | None = None, log=print) -> dict:
     t0 = time.time()
     for var, value in set_default_paths(work_dir):
         log(f"{var} was not set; using {value}")
-    log(f"[1/5] Demo dataset (bundled real MRI, CC BY-SA 4.0: MSD Hippocampus)")
+    log("[1/5] Demo dataset (bundled real MRI, CC BY-SA 4.0: MSD Hippocampus)")
     ds = write_demo_dataset(dataset_id, dataset_name, num_test=num_test, num_train=num_train, log=log)
 
     pre = os.path.join(os.environ["nnUNet_preprocessed"], ds.name)
@@ -78,10 +59,8 @@ def run_demo(work_dir: str = "nnunet_moe_demo", dataset_id: int = 501, dataset_n
     if plans_ready:
         log(f"Reusing the existing plans and preprocessed data in {pre}")
     else:
-        env = dict(os.environ)
-        env.pop("nnUNet_n_proc_DA", None)  # 0 breaks nnU-Net 2.8.1's planning (torch.set_num_threads(0))
         run_streamed([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration,
-                      "-np", "2", "--verify_dataset_integrity"], env=env, log=log)
+                      "-np", "2", "--verify_dataset_integrity"], env=planning_env(), log=log)
 
     output_folder = os.path.join(os.environ["nnUNet_results"], ds.name, f"{trainer}__nnUNetPlans__{configuration}",
                                  f"fold_{fold}")

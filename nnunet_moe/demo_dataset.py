@@ -19,6 +19,10 @@ from dataclasses import dataclass
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hippocampus")
 LABELS = {"background": 0, "Anterior": 1, "Posterior": 2}
 MARKER_KEY = "nnunet_moe_demo"
+# where `nnunet-moe demo` puts the data and what it trains; `nnunet-moe benchmark --demo` looks there
+DEFAULT_DATASET_ID = 501
+DEFAULT_DATASET_NAME = "Hippocampus"
+DEFAULT_CONFIGURATION = "3d_fullres"
 
 
 def bundled_cases() -> list:
@@ -56,7 +60,7 @@ def _datasets_with_id(dataset_id: int) -> list:
     return found
 
 
-def write_demo_dataset(dataset_id: int = 501, dataset_name: str = "Hippocampus", num_test: int = 10,
+def write_demo_dataset(dataset_id: int = DEFAULT_DATASET_ID, dataset_name: str = DEFAULT_DATASET_NAME, num_test: int = 10,
                        num_train: int | None = None, log=print) -> DemoDataset:
     """Write (or reuse) the demo dataset in ``$nnUNet_raw``; refuses to touch anything else."""
     if not 1 <= dataset_id <= 999:

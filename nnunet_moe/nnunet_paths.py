@@ -1,7 +1,9 @@
-"""nnU-Net's three folder variables: checking them with clear messages, setting them for the demo."""
+"""nnU-Net's three folder variables (checked with clear messages, set for the demo) and its console commands."""
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 
 NNUNET_FOLDER_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
@@ -34,3 +36,21 @@ def set_default_paths(work_dir: str) -> list:
             os.environ[var] = path
             changed.append((var, path))
     return changed
+
+
+def nnunet_command(name: str) -> str:
+    """Path of a stock nnU-Net console command of this environment."""
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    found = local if os.path.exists(local) else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"The nnU-Net command {name} was not found next to {sys.executable} nor on PATH; "
+                                f"is nnunetv2 installed in this environment (pip install 'nnunetv2>=2.8,<2.9')?")
+    return found
+
+
+def planning_env(**folders) -> dict:
+    """The environment for ``nnUNetv2_plan_and_preprocess``, with ``folders`` overriding nnU-Net's variables."""
+    env = dict(os.environ)
+    env.pop("nnUNet_n_proc_DA", None)  # 0 breaks nnU-Net 2.8.1's planning (torch.set_num_threads(0))
+    env.update(folders)
+    return env

@@ -1,4 +1,4 @@
-"""Tests of ``nnunet-moe benchmark`` (nnunet_moe.benchmark.command) on a tiny hand-made trained model.
+"""Tests of ``nnunet-moe benchmark`` (nnunet_moe.benchmark) on a tiny hand-made trained model.
 
 No nnU-Net training runs here: the fixture writes nnU-Net's three folders for a synthetic dataset
 (four 16x16x16 NIfTI cases, labels 0/1/2), a plans.json in nnU-Net 2.8's format with a two-stage
@@ -19,8 +19,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_moe.benchmark.command import (MODES, BenchmarkOptions, _benchmark_model, add_benchmark_parser,
-                                          benchmark, resolve_modes, run_benchmark, trained_trainers)
+from nnunet_moe.benchmark.command import BenchmarkOptions, add_benchmark_parser, benchmark, run_benchmark
+from nnunet_moe.benchmark.models import trained_trainers
+from nnunet_moe.benchmark.modes import MODES, resolve_modes
+from nnunet_moe.benchmark.runner import benchmark_model
 from nnunet_moe.benchmark.cost import count_flops, count_parameters
 from nnunet_moe.benchmark.metrics import case_metrics
 
@@ -298,7 +300,7 @@ def test_image_and_label_folders(nnunet_env, tmp_path):
 
 
 def test_environment_and_dataset_errors(nnunet_env, monkeypatch, tmp_path):
-    with pytest.raises(ValueError, match=f"unknown dataset id 555: no folder Dataset555_\\* in nnUNet_raw="):
+    with pytest.raises(ValueError, match="unknown dataset id 555: no folder Dataset555_\\* in nnUNet_raw="):
         benchmark("555", CONFIG, ["nnUNetTrainer"], 0, progress=False, log=lambda *a: None)
     with pytest.raises(ValueError, match="required without --demo: -c, -f"):
         run_benchmark(parse(["-d", "987", "-tr", "nnUNetTrainer"]))
@@ -324,8 +326,9 @@ def test_modes_plain_unet_and_nmsw(nnunet_env, tmp_path):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_moe.benchmark.command import Case, load_predictor
-    from nnunet_moe.networks.nmsw import build_default_nmsw_from_plans
+    from nnunet_moe.benchmark.cases import Case
+    from nnunet_moe.benchmark.models import load_predictor
+    from nnunet_moe.networks.nmsw_plans import build_default_nmsw_from_plans
 
     folder = os.path.join(nnunet_env["nnUNet_results"], DATASET, f"nnUNetTrainer__nnUNetPlans__{CONFIG}")
     unet_predictor = load_predictor(folder, "0", BenchmarkOptions())
@@ -346,9 +349,21 @@ def test_modes_plain_unet_and_nmsw(nnunet_env, tmp_path):
     raw = nnunet_env["raw_dataset"]
     cases = [Case(c, [os.path.join(raw, "imagesTr", f"{c}_0000.nii.gz")], os.path.join(raw, "labelsTr", f"{c}.nii.gz"))
              for c in VAL_CASES[:1]]
-    rows, records = _benchmark_model("NMSW", MODES["sliding_window"], predictor, cases, BenchmarkOptions(), [1, 2],
-                                     {1: "left", 2: "right"}, str(tmp_path), ".nii.gz", None, lambda *a: None)
+    rows, records = benchmark_model("NMSW", MODES["sliding_window"], predictor, cases, BenchmarkOptions(), [1, 2],
+                                    {1: "left", 2: "right"}, str(tmp_path), ".nii.gz", None, lambda *a: None)
     assert predictor.network is nmsw  # restored after the mode
     assert {r["params"] for r in rows} == {count_parameters(nmsw.local_net)} != {count_parameters(nmsw)}
     assert records[0]["flops"] == 8 * count_flops(nmsw.local_net.eval(), torch.zeros(1, 1, SIDE, SIDE, SIDE))
     assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
+
+
+def test_untrained_model_from_the_dataset_plans_is_costed_not_scored(nnunet_env, tmp_path):
+    result = benchmark(str(DATASET_ID), CONFIG, [], 0, untrained=["nnUNetTrainer"], out=str(tmp_path / "u"),
+                       progress=False, log=lambda *a: None)
+    assert {r["model"] for r in result.rows} == {"nnUNetTrainer (untrained)"}
+    assert all(r["dice"] is None or math.isnan(r["dice"]) for r in result.rows)
+    # the network of the plans, the same FLOPs as the trained one: one 16^3 patch, 8 mirrored passes
+    assert {r["flops"] for r in result.rows} == {8 * forward_flops(tiny_plans())}
+    assert {r["patches_per_case"] for r in result.rows} == {8}
+    assert [c["case"] for c in result.per_case] == VAL_CASES and all(c["patches"] == 8 for c in result.per_case)
+    assert "untrained (seeded, seed 0) weights for nnUNetTrainer" in open(result.paths["markdown"]).read()

@@ -1,8 +1,8 @@
-"""count_parameters, count_flops and measure against values computed by hand."""
+"""count_parameters, count_flops, PeakMemory and measure against values computed by hand."""
 import pytest
 import torch
 
-from nnunet_moe.benchmark.cost import count_flops, count_parameters, measure
+from nnunet_moe.benchmark.cost import PeakMemory, count_flops, count_parameters, measure
 
 MB = 1_000_000
 
@@ -97,3 +97,16 @@ def test_measure_cuda_peak_memory_of_a_known_tensor():
     size = 2 * MB * 4
     assert size <= result["peak_memory_bytes"] < 2 * size + 2 * 1024 * 1024
     assert result["device_peak_memory_bytes"] >= result["peak_memory_bytes"]
+
+
+def test_peak_memory_meter_kinds_on_cpu():
+    with PeakMemory("cpu") as tensors:
+        buffer = torch.ones(2 * MB)  # 8 MB of torch tensor memory
+        del buffer
+    assert 8 * MB <= tensors.peak_bytes < 8 * MB + 64 * 1024 and tensors.absolute_peak_bytes is None
+    with PeakMemory("cpu", kind="rss") as rss:
+        buffer = torch.ones(16 * MB)  # 64 MB, touched: resident
+        del buffer
+    assert rss.peak_bytes >= 60 * MB and "RSS" in rss.method
+    with pytest.raises(ValueError, match="kind must be one of"):
+        PeakMemory("cpu", kind="heap")

@@ -114,3 +114,36 @@ def test_bad_rows_raise_clear_errors():
     rows[1]["params"] = 1
     with pytest.raises(ValueError, match="different params"):
         summary_rows(rows)
+
+
+def _summary(model, mode, dice, seconds):
+    return {"model": model, "mode": mode, "dice": dice, "seconds_per_case": seconds}
+
+
+def test_dice_vs_time_figure_reads_at_a_glance():
+    from nnunet_moe.benchmark.report import dice_vs_time_figure
+
+    title = "Dataset501_Hippocampus 3d_fullres fold 0: 10 cases (demo held-out cases (imagesTs)), cpu, TTA on, " \
+            "a title long enough to need wrapping"
+    summaries = [_summary("nnUNetTrainerNMSW", "nmsw", 0.8, 2.0), _summary("nnUNetTrainerNMSW", "sliding_window",
+                 0.82, 25.0), _summary("nnUNetTrainer", "sliding_window", 0.9, 30.0),
+                 _summary("nnUNetTrainerSwinSMT", "sliding_window", None, 40.0)]
+    figure = dice_vs_time_figure(summaries, title)
+    axes = figure.axes[0]
+    assert axes.get_ylim() == (0.0, 1.0)
+    assert axes.get_xscale() == "log"  # 30 s / 2 s > 10
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert labels == ["nnUNetTrainerNMSW (nmsw)", "nnUNetTrainerNMSW (sliding_window)",
+                      "nnUNetTrainer (sliding_window)"]  # one per (model, mode) with Dice and time
+    markers = {(line.get_marker(), line.get_color()) for line in axes.get_lines()}
+    assert len(markers) == 3 and all(len(line.get_xdata()) == 1 for line in axes.get_lines())
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)
+    box = figure.bbox
+    for artist in (figure._suptitle, figure.legends[0], axes.xaxis.label, axes.yaxis.label):
+        extent = artist.get_window_extent(renderer)
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, artist
+    assert "1 model(s) without Dice or time not shown" in figure._suptitle.get_text().replace("\n", " ")
+
+    close = dice_vs_time_figure([_summary("a", "m", 0.5, 2.0), _summary("b", "m", 0.6, 20.0)], "ten times")
+    assert close.axes[0].get_xscale() == "linear" and close.axes[0].get_ylim() == (0.0, 1.0)  # 20 / 2 is not > 10

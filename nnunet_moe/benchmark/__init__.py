@@ -1,1 +1,2 @@
-"""benchmark of nnunet-moe (imports go downward only: training -> networks -> layers)."""
+"""``nnunet-moe benchmark`` and the layer benchmarks; imports ``inference``, ``networks`` and ``layers``,
+finds trainers through nnU-Net's own trainer search."""

@@ -1,7 +1,7 @@
 """Cost measurements shared by every benchmark in nnunet-moe: parameters, FLOPs, time, memory.
 
 The seed papers report cost as parameter count, FLOPs (Swin-UMamba Table 2, NMSW-Net Table I)
-and inference seconds (NMSW-Net, Swin SMT); none reports memory (PAPER_FACTS.md section 6).
+and inference seconds (NMSW-Net, Swin SMT); none reports memory.
 These helpers measure the same quantities on any ``torch.nn.Module`` or callable:
 
 * ``count_parameters(module)``: number of parameter elements (shared tensors counted once).
@@ -11,10 +11,15 @@ These helpers measure the same quantities on any ``torch.nn.Module`` or callable
   volume. Only the operators torch has formulas for are counted (matmul, bmm, addmm, einsum via
   bmm, convolutions and their transposes, scaled-dot-product attention); bias additions,
   normalisations, activations and pooling add nothing.
-* ``measure(fn, *args, device=...)``: wall-clock seconds per call and peak memory.
+* ``PeakMemory(device, kind=...)``: the one peak-memory meter of every benchmark here (CUDA: the
+  caching allocator's peak; CPU: torch tensor allocations or the resident set size, see the class).
+* ``measure(fn, *args, device=...)``: wall-clock seconds per call and peak memory (``PeakMemory``).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -43,27 +48,107 @@ def count_flops(fn: Callable, *args, **kwargs) -> int:
     return int(counter.get_total_flops())
 
 
-def _cpu_peak_allocated_bytes(fn: Callable, args: tuple) -> int:
-    """Peak bytes held by torch's CPU allocator during ``fn(*args)``, relative to the start.
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send file descriptor 2 to /dev/null: the profiler's C++ side (kineto) writes two "USDT ...
+    profiler_start/stop" lines to it on every use, whatever its log level, which would bury a progress bar."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
-    torch has no CPU allocator statistics, and the process's resident set size mixes in the
-    Python heap, freed-but-cached pages and other threads. The profiler's memory events
-    (``profile_memory=True``) record every CPU tensor allocation (+bytes) and release (-bytes)
-    with a timestamp; the running sum of these, in time order, is the number of bytes allocated
-    since the call began, and its maximum is the peak. Memory held before the call (weights,
-    inputs) is not counted; tensors freed during the call lower the running sum.
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+class PeakMemory:
+    """Peak memory that the code inside ``with PeakMemory(device, kind) as meter:`` added: ``meter.peak_bytes``.
+
+    On CUDA (either kind): ``torch.cuda.max_memory_allocated`` during the block minus
+    ``memory_allocated`` at entry (peak statistics reset at entry); ``meter.absolute_peak_bytes`` is
+    the absolute ``max_memory_allocated`` (weights and inputs included), the figure usually quoted as
+    "peak GPU memory".
+
+    On CPU, ``absolute_peak_bytes`` is None and ``kind`` says what is counted:
+
+    * ``"tensors"`` (default): torch has no CPU allocator statistics, so the block runs under
+      ``torch.profiler`` with ``profile_memory=True``, which records every CPU tensor allocation
+      (+bytes) and release (-bytes); the peak of their running sum in time order is the peak of
+      tensor memory allocated since entry. Memory held before (weights, inputs) is not counted,
+      tensors freed inside lower the sum, memory outside torch's allocator (numpy arrays, Python
+      objects) is not seen. The profiler slows the block: do not time it. File descriptor 2 is
+      silenced during the block (kineto's start/stop lines).
+    * ``"rss"``: the peak resident set size (Linux: ``VmHWM``, reset to the current size through
+      ``/proc/self/clear_refs`` at entry) minus the resident size at entry: everything the process
+      added, numpy buffers and the Python heap included. Memory that an allocator kept from earlier
+      calls is reused without growing the RSS, so measure in a fresh process.
     """
-    from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn(*args)
-    # kineto_results holds every recorded event, the allocation/release records among them
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    return _peak_of_running_sum(events)
+    KINDS = ("tensors", "rss")
+
+    def __init__(self, device, kind: str = "tensors"):
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}; got {kind!r}")
+        self.device = torch.device(device)
+        self.kind = kind
+        self.peak_bytes = None
+        self.absolute_peak_bytes = None
+        if self.device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated above the allocation at the start"
+        elif kind == "tensors":
+            self.method = "peak of torch's CPU tensor allocations above the start (profiler memory events)"
+        else:
+            self.method = "peak RSS above the RSS at the start (VmHWM reset via /proc/self/clear_refs)"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        elif self.kind == "tensors":
+            from torch.profiler import ProfilerActivity, profile
+
+            self._silenced = _stderr_silenced()
+            self._silenced.__enter__()
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.__enter__()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as refs:
+                    refs.write("5")  # resets VmHWM to the current RSS
+            except OSError as error:
+                raise RuntimeError(f"kind='rss' needs Linux's /proc/self/clear_refs ({error})") from error
+            self._start = _proc_status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.absolute_peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            self.peak_bytes = self.absolute_peak_bytes - int(self._start)
+        elif self.kind == "tensors":
+            try:
+                self._profiler.__exit__(*exc)
+            finally:
+                self._silenced.__exit__(*exc)
+            # kineto_results holds every recorded event, the allocation/release records among them
+            events = [e for e in self._profiler.profiler.kineto_results.events()
+                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+            self.peak_bytes = _peak_of_running_sum(events)
+        else:
+            self.peak_bytes = max(0, _proc_status_bytes("VmHWM") - self._start)
+        return False
 
 
 def _peak_of_running_sum(events) -> int:
@@ -76,7 +161,7 @@ def _peak_of_running_sum(events) -> int:
     return peak
 
 
-def measure(fn: Callable, *args, device, repeats: int = 1, warmup: int = 0) -> dict:
+def measure(fn: Callable, *args, device, repeats: int = 1, warmup: int = 0, memory: bool = True) -> dict:
     """Time ``fn(*args)`` and measure its peak memory, under ``torch.no_grad()``.
 
     Args:
@@ -85,24 +170,22 @@ def measure(fn: Callable, *args, device, repeats: int = 1, warmup: int = 0) -> d
         device: "cpu", "cuda", "cuda:0" or a ``torch.device``.
         repeats: timed calls; ``seconds`` is their mean.
         warmup: untimed calls first (kernel selection, caches, lazy initialisation).
+        memory: False skips the CPU memory call (``peak_memory_bytes`` is then None on CPU); on CUDA
+            the peak costs nothing and is always measured.
 
     Returns:
         ``{"seconds": mean seconds per call, "seconds_all": [seconds of each timed call],
-        "peak_memory_bytes": int, "device_peak_memory_bytes": int | None, "device": str}``.
+        "peak_memory_bytes": int | None, "device_peak_memory_bytes": int | None, "device": str}``.
 
         ``seconds`` come from ``time.perf_counter`` around each call, with
         ``torch.cuda.synchronize`` before and after it on CUDA (kernels run asynchronously).
 
-        ``peak_memory_bytes`` is the peak of tensor memory allocated by torch during a call,
-        above what was allocated when the call started, on both devices:
-        on CUDA ``torch.cuda.max_memory_allocated() - memory_allocated()`` at the start, after
-        ``reset_peak_memory_stats`` (maximum over the timed calls); on CPU the peak of the
-        running sum of the profiler's allocation events (one extra, untimed call under
-        ``torch.profiler`` after the timed ones, so that profiling does not slow the timing).
-        Memory outside torch's allocator (numpy arrays, Python objects) is not counted.
-        ``device_peak_memory_bytes`` is, on CUDA, the absolute ``max_memory_allocated()``
-        (weights and inputs included), the figure usually quoted as "peak GPU memory"; it is
-        None on CPU.
+        ``peak_memory_bytes`` is ``PeakMemory(device, kind="tensors")``: the peak of tensor memory
+        allocated by torch during a call, above what was allocated when the call started. On CUDA
+        the meter spans the timed calls (their maximum); on CPU it needs the profiler, so it is one
+        extra, untimed call after the timed ones, so that profiling does not slow the timing.
+        ``device_peak_memory_bytes`` is the meter's ``absolute_peak_bytes`` (CUDA: weights and
+        inputs included; None on CPU).
     """
     if not callable(fn):
         raise ValueError(f"measure needs a callable; got {type(fn).__name__}")
@@ -117,33 +200,27 @@ def measure(fn: Callable, *args, device, repeats: int = 1, warmup: int = 0) -> d
         raise ValueError(f"warmup must be an integer >= 0; got {warmup!r}")
 
     on_cuda = device.type == "cuda"
+    meter = PeakMemory(device)
+    seconds_all = []
     with torch.no_grad():
         for _ in range(warmup):
             fn(*args)
-        if on_cuda:
-            torch.cuda.synchronize(device)
-            start_allocated = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds_all = []
-        for _ in range(repeats):
-            if on_cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn(*args)
-            if on_cuda:
-                torch.cuda.synchronize(device)
-            seconds_all.append(time.perf_counter() - start)
-
-    if on_cuda:
-        device_peak = int(torch.cuda.max_memory_allocated(device))
-        peak = device_peak - int(start_allocated)
-    else:
-        device_peak = None
-        peak = _cpu_peak_allocated_bytes(fn, args)
+        with meter if on_cuda else contextlib.nullcontext():
+            for _ in range(repeats):
+                if on_cuda:
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                fn(*args)
+                if on_cuda:
+                    torch.cuda.synchronize(device)
+                seconds_all.append(time.perf_counter() - start)
+        if not on_cuda and memory:
+            with meter:
+                fn(*args)
     return {
         "seconds": sum(seconds_all) / len(seconds_all),
         "seconds_all": seconds_all,
-        "peak_memory_bytes": int(peak),
-        "device_peak_memory_bytes": device_peak,
+        "peak_memory_bytes": meter.peak_bytes,
+        "device_peak_memory_bytes": meter.absolute_peak_bytes,
         "device": str(device),
     }

@@ -1,6 +1,6 @@
 """Per-case segmentation metrics (Dice, HD95, NSD) for the ``nnunet-moe benchmark`` command.
 
-The three metrics are the ones the seed papers report (PAPER_FACTS.md: Dice in all five,
+The three metrics are the ones the five papers report (Dice in all five,
 HD95 in NMSW-Net and MoE-SAM, NSD in NMSW-Net and Swin-UMamba). The numbers come from
 MONAI's implementations (``monai.metrics.compute_dice``, ``compute_hausdorff_distance``,
 ``compute_surface_dice``); this module only builds the binary masks, crops them, passes the

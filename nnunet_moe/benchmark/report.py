@@ -14,6 +14,7 @@ params             parameter count (int) -- per model, repeated on each of its r
 flops              FLOPs of one forward pass / case (int) -- per model
 seconds_per_case   inference seconds per case (float) -- per model
 peak_memory_mb     peak memory in MiB (float) -- per model
+patches_per_case   samples through the patch network per case (float) -- per model
 =================  =====================================================================
 
 A model's summary row takes the foreground mean of each metric (mean over its classes,
@@ -27,12 +28,13 @@ import csv
 import json
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
 
 METRIC_KEYS = ("dice", "hd95", "nsd")
-COST_KEYS = ("params", "flops", "seconds_per_case", "peak_memory_mb")
+COST_KEYS = ("params", "flops", "seconds_per_case", "peak_memory_mb", "patches_per_case")
 COLUMNS = ("model", "mode", "label", "class_name", *METRIC_KEYS, *COST_KEYS)
 NOT_AVAILABLE = "n/a"
 
@@ -124,18 +126,18 @@ def markdown_tables(rows: Sequence[dict]) -> str:
 
     Formats: Dice and NSD with 4 decimals, HD95 in mm with 2, parameters in millions (M),
     FLOPs in GFLOPs (2 FLOPs per multiply-accumulate), seconds with 3 decimals, memory in MiB
-    with 1; missing values as "n/a".
+    and patches per case with 1; missing values as "n/a".
     """
     normalised = _normalise_rows(rows)
     summary_body = [
         [s["model"], s["mode"] or "-", _fmt(s["dice"], 4), _fmt(s["hd95"], 2), _fmt(s["nsd"], 4),
          _fmt_scaled(s["params"], 1e6, 2), _fmt_scaled(s["flops"], 1e9, 2), _fmt(s["seconds_per_case"], 3),
-         _fmt(s["peak_memory_mb"], 1)]
+         _fmt(s["peak_memory_mb"], 1), _fmt(s["patches_per_case"], 1)]
         for s in summary_rows(normalised)
     ]
     summary = _markdown_table(
         ["Model", "Mode", "Mean Dice", "Mean HD95 (mm)", "Mean NSD", "Params (M)", "GFLOPs", "s / case",
-         "Peak memory (MiB)"],
+         "Peak memory (MiB)", "Patches / case"],
         summary_body,
     )
     per_class_body = [
@@ -147,31 +149,50 @@ def markdown_tables(rows: Sequence[dict]) -> str:
     return "Foreground means (label 0 excluded):\n\n" + summary + "\n\nPer class:\n\n" + per_class + "\n"
 
 
-def _plot(summaries: list[dict], path: str, title: str) -> None:
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def dice_vs_time_figure(summaries: list[dict], title: str):
+    """The Dice-versus-time figure of ``summary_rows`` output: one marker per (model, mode), with a legend.
+
+    Colour per model, marker shape per mode; Dice axis fixed to 0..1 so that plots of different runs
+    compare; a log time axis when the times differ by more than 10x (sliding window against top-K
+    patches would squash a linear one). The title is wrapped to the figure's width and the legend
+    sits below the axes, both inside the figure (constrained layout).
+    """
     # Figure + Agg canvas directly: no global matplotlib backend switch inside a library
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.4, 4.8), dpi=100)
+    plotted = [s for s in summaries if s["dice"] is not None and s["seconds_per_case"] is not None]
+    models = list(dict.fromkeys(s["model"] for s in plotted))
+    modes = list(dict.fromkeys(s["mode"] for s in plotted))
+    figure = Figure(figsize=(7.2, 5.4), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    plotted = [s for s in summaries if s["dice"] is not None and s["seconds_per_case"] is not None]
     for s in plotted:
-        name = s["model"] + (f" ({s['mode']})" if s["mode"] else "")
-        axes.scatter([s["seconds_per_case"]], [s["dice"]])
-        axes.annotate(name, (s["seconds_per_case"], s["dice"]), textcoords="offset points", xytext=(4, 4),
-                      fontsize=8)
+        axes.plot([s["seconds_per_case"]], [s["dice"]], linestyle="none", markersize=9,
+                  marker=MARKERS[modes.index(s["mode"]) % len(MARKERS)],
+                  color=f"C{models.index(s['model']) % 10}",
+                  label=s["model"] + (f" ({s['mode']})" if s["mode"] else ""))
     times = [s["seconds_per_case"] for s in plotted if s["seconds_per_case"] > 0]
-    if times and max(times) / min(times) >= 20:
-        axes.set_xscale("log")  # wide time ranges (sliding window vs. top-K patches) squash a linear axis
-    axes.margins(x=0.25, y=0.15)  # room for the point labels
+    if times and max(times) / min(times) > 10:
+        from matplotlib.ticker import FuncFormatter
+
+        axes.set_xscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # "20", not "2 x 10^1"
+        axes.xaxis.set_major_formatter(plain)
+        axes.xaxis.set_minor_formatter(plain)
+    axes.set_ylim(0, 1)
     axes.set_xlabel("seconds per case")
     axes.set_ylabel("mean foreground Dice")
-    skipped = len(summaries) - len(plotted)
-    axes.set_title(title + (f" ({skipped} model(s) without Dice or time not shown)" if skipped else ""), fontsize=10)
     axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
+    skipped = len(summaries) - len(plotted)
+    full_title = title + (f" ({skipped} model(s) without Dice or time not shown)" if skipped else "")
+    figure.suptitle(textwrap.fill(full_title, 80), fontsize=10)
+    if plotted:
+        figure.legend(loc="outside lower center", ncols=min(2, len(plotted)), fontsize=8, frameon=False)
+    return figure
 
 
 def _json_value(value):
@@ -202,12 +223,13 @@ def write_reports(rows: Sequence[dict], out_dir: str, title: str) -> dict:
     with open(paths["json"], "w") as f:
         json.dump({"title": title, "rows": [{k: _json_value(row[k]) for k in COLUMNS} for row in normalised],
                    "summary": summaries}, f, indent=2, allow_nan=False, default=str)
-    _plot(summaries, paths["png"], title)
+    dice_vs_time_figure(summaries, title).savefig(paths["png"], format="png")
     return paths
 
 
 def rows_from_aggregate(model: str, mode: str, aggregated: dict, class_names: dict | None = None,
-                        params=None, flops=None, seconds_per_case=None, peak_memory_mb=None) -> list[dict]:
+                        params=None, flops=None, seconds_per_case=None, peak_memory_mb=None,
+                        patches_per_case=None) -> list[dict]:
     """Report rows for one model from ``nnunet_moe.benchmark.metrics.aggregate`` output.
 
     ``class_names`` maps a label to its name (e.g. inverted from dataset.json's ``labels``).
@@ -216,6 +238,7 @@ def rows_from_aggregate(model: str, mode: str, aggregated: dict, class_names: di
     return [
         {"model": model, "mode": mode, "label": label, "class_name": class_names.get(label, str(label)),
          **{key: means[key] for key in METRIC_KEYS}, "params": params, "flops": flops,
-         "seconds_per_case": seconds_per_case, "peak_memory_mb": peak_memory_mb}
+         "seconds_per_case": seconds_per_case, "peak_memory_mb": peak_memory_mb,
+         "patches_per_case": patches_per_case}
         for label, means in aggregated["per_label"].items()
     ]

@@ -8,10 +8,10 @@ reference (decays and inputs precomputed as ``(B, D, L, N)`` tensors, as ``mamba
 ``selective_scan_ref``) and a per-step variant that computes each decay on the fly. Forward rows run
 without autograd; forward + backward rows include ``sum().backward()``.
 
-Peak memory of our scan is measured in a fresh subprocess (Linux): the peak resident set size
-(``VmHWM``, reset through ``/proc/self/clear_refs`` after the inputs were allocated) minus the
-resident size before the call. CUDA rows (ours on the GPU; mamba_ssm's kernel when installed) use
-``torch.cuda.max_memory_allocated``.
+Peak memory: ``cost.PeakMemory``. Our scan on the CPU is measured in a fresh subprocess (Linux) with
+``kind="rss"``: the peak resident set size minus the resident size before the call, after the inputs
+were allocated. CUDA rows (ours on the GPU; mamba_ssm's kernel when installed) use
+``torch.cuda.max_memory_allocated`` above the allocation before the timed calls.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nnunet_moe.benchmark.cost import PeakMemory
 from nnunet_moe.layers.selective_scan import mamba_ssm_available, selective_scan
 
 
@@ -87,25 +88,14 @@ def best_time(fn, inputs, repeats: int, cuda: bool, backward: bool = False):
     return best, result.detach()
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _peak_memory_worker(args) -> None:
     inputs = make_inputs(args.batch, args.width, args.state, args.length)
     torch.set_grad_enabled(False)
     selective_scan(**{k: v[..., :8] if k in ("u", "delta", "z", "B", "C") else v for k, v in inputs.items()},
                    delta_softplus=True, backend="torch")  # load kernels before the baseline
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
-    before = _status_kib("VmRSS")
-    ours("torch", args.chunk_size)(**inputs)
-    after = _status_kib("VmHWM")
-    print(json.dumps({"peak_increase_bytes": (after - before) * 1024}))
+    with PeakMemory("cpu", kind="rss") as mem:
+        ours("torch", args.chunk_size)(**inputs)
+    print(json.dumps({"peak_increase_bytes": mem.peak_bytes}))
 
 
 def measure_peak_cpu_bytes(args) -> int | None:
@@ -170,20 +160,17 @@ def main(argv=None) -> None:
     if torch.cuda.is_available():
         gpu = make_inputs(args.batch, args.width, args.state, args.length, device="cuda")
         scan(**gpu)  # warm-up
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with torch.no_grad():
+        with torch.no_grad(), PeakMemory("cuda") as mem:
             t_gpu, y_gpu = best_time(scan, gpu, args.repeats, cuda=True)
-        add("ours (chunked scan)", "forward", "cuda", t_gpu, t_loop, mib(torch.cuda.max_memory_allocated() - base),
+        add("ours (chunked scan)", "forward", "cuda", t_gpu, t_loop, mib(mem.peak_bytes),
             f"{(y_gpu.cpu() - y_loop).abs().max().item():.2e}")
         if mamba_ssm_available():
             kernel = ours("mamba_ssm", args.chunk_size)
             kernel(**gpu)
-            torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad():
+            with torch.no_grad(), PeakMemory("cuda") as mem:
                 t_k, y_k = best_time(kernel, gpu, args.repeats, cuda=True)
-            add("mamba_ssm selective_scan_fn", "forward", "cuda", t_k, t_loop,
-                mib(torch.cuda.max_memory_allocated() - base), f"{(y_k.cpu() - y_loop).abs().max().item():.2e}")
+            add("mamba_ssm selective_scan_fn", "forward", "cuda", t_k, t_loop, mib(mem.peak_bytes),
+                f"{(y_k.cpu() - y_loop).abs().max().item():.2e}")
             notes.append(f"ours on CUDA / kernel time ratio: {t_gpu / t_k:.1f}x")
         else:
             notes.append("mamba_ssm kernel row skipped: mamba_ssm is not installed (`pip install nnunet-moe[cuda]`).")

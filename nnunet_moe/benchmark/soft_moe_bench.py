@@ -13,78 +13,26 @@ Part 2 times one forward+backward step of Swin SMT (32 experts) and of the dense
 hippocampus demo patch 40x56x40 (64x64x64), feature size 48, batch 2, 1 channel, 3 classes.
 
 Every measurement runs in a fresh subprocess so that allocator caches of earlier runs do not count.
-Peak memory on CPU: the peak resident set size (``VmHWM`` in ``/proc/self/status``) is reset through
-``/proc/self/clear_refs`` after inputs and model exist, and the reported figure is the peak minus the
-resident size at that moment, i.e. what the measured call added at its peak (tracemalloc cannot see
-torch's allocations). On CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
+Peak memory: ``cost.PeakMemory(device, kind="rss")`` around the measured call, started after inputs and
+model exist: on CPU the peak resident set size minus the resident size at that moment, i.e. what the
+call added at its peak, everything the process allocated included; on CUDA
+``torch.cuda.max_memory_allocated`` minus the allocation before the call.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
+
+from nnunet_moe.benchmark.cost import PeakMemory
 
 _WORKER_FLAG = "--_worker"
 
 
 # --------------------------------------------------------------------------------------------- memory
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class _PeakMemory:
-    """Peak memory added by the code inside the ``with`` block, in bytes (see module docstring)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.method = ""
-        self.peak_bytes = 0
-
-    def __enter__(self):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.method = "torch.cuda.max_memory_allocated"
-            return self
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # resets VmHWM to the current RSS
-            self.method = "peak RSS (VmHWM reset via /proc/self/clear_refs)"
-        except OSError:
-            self.method = "peak RSS (ru_maxrss; may include earlier peaks)"
-        self.base = _proc_status_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            hwm = _proc_status_kib("VmHWM")
-            if hwm is None:
-                import resource
-
-                hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.peak_bytes = max(0, hwm * 1024 - self.base)
-        return False
-
-
 def _available_memory_bytes() -> int | None:
     try:
         with open("/proc/meminfo") as fh:
@@ -131,7 +79,7 @@ def _worker_soft_moe(cfg: dict) -> dict:
     run = layer if cfg["impl"] == "fused" else (lambda t: materialised_soft_moe(layer, t))
     with torch.no_grad():
         run(torch.randn(1, 64, cfg["width"], device=device))  # warm-up of the code path on a tiny input
-        with _PeakMemory(device) as mem:
+        with PeakMemory(device, kind="rss") as mem:
             start = time.perf_counter()
             out = run(x)
             _sync(device)
@@ -155,7 +103,7 @@ def _worker_train_step(cfg: dict) -> dict:
     x = torch.randn(cfg["batch"], 1, *cfg["size"], device=device)
     target = torch.randint(0, 3, (cfg["batch"], *cfg["size"]), device=device)
     times = []
-    with _PeakMemory(device) as mem:
+    with PeakMemory(device, kind="rss") as mem:
         for _ in range(cfg["steps"]):
             net.zero_grad(set_to_none=False)
             start = time.perf_counter()
