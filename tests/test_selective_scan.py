@@ -4,6 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_moe.layers import selective_scan as scan_module
+from nnunet_moe.layers import selective_scan_chunks as chunks_module
+from nnunet_moe.layers import selective_scan_kernels as kernels_module
+from nnunet_moe.layers import softplus as softplus_module
 from nnunet_moe.layers.selective_scan import BACKEND_ENV_VAR, selective_scan
 
 
@@ -88,7 +91,7 @@ def test_matches_float64_loop(length, config):
 def test_default_chunk_and_log_step_path_agree_with_loop(monkeypatch, log_step_on_cpu):
     # the log-step cross-chunk scan runs on CUDA only; declaring the CPU a log-step device tests it here
     if log_step_on_cpu:
-        monkeypatch.setattr(scan_module, "_LOG_STEP_DEVICE_TYPES", ("cpu",))
+        monkeypatch.setattr(chunks_module, "_LOG_STEP_DEVICE_TYPES", ("cpu",))
     calls, torch_cat = [], torch.cat
     monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or torch_cat(*a, **k))
     u, delta, A, B, C, D, z, bias = make_inputs(300)
@@ -106,9 +109,9 @@ def test_no_grad_forward_in_position_blocks_matches_loop(monkeypatch, invariant)
     u, delta, A, B, C, D, z, bias = make_inputs(100, groups_b=2, groups_c=4)
     if invariant:
         B, C = torch.randn(8, 4), torch.randn(8, 4)
-    monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 2 * 8 * 4 * 32)  # batch x D_in x N x 32 positions
-    blocks, chunk_states = [], scan_module._chunk_states
-    monkeypatch.setattr(scan_module, "_chunk_states",
+    monkeypatch.setattr(kernels_module, "BLOCK_ELEMENTS", 2 * 8 * 4 * 32)  # batch x D_in x N x 32 positions
+    blocks, chunk_states = [], kernels_module.chunk_states
+    monkeypatch.setattr(kernels_module, "chunk_states",
                         lambda chunks, *a, **k: blocks.append(chunks.rel.shape[-2:]) or chunk_states(chunks, *a, **k))
     with torch.no_grad():
         out, last = selective_scan(u, delta, A, B, C, D, z, bias, True, True, backend="torch", chunk_size=16)
@@ -146,7 +149,7 @@ def test_huge_decays_stay_finite_and_exact():
 @pytest.mark.parametrize("blocks", [False, True])
 def test_gradcheck_float64(monkeypatch, blocks):
     if blocks:  # forward and backward in blocks of 4 positions (4, 4, 1) chained by their states
-        monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 1 * 4 * 3 * 4)
+        monkeypatch.setattr(kernels_module, "BLOCK_ELEMENTS", 1 * 4 * 3 * 4)
     u, delta, A, B, C, D, z, bias = (t.double().requires_grad_() for t in make_inputs(9, batch=1, d_in=4, n_state=3,
                                                                                        groups_b=2))
 
@@ -192,7 +195,7 @@ def test_hand_written_backward_layouts(monkeypatch, layout, blocks):
     """The custom backward reduces gradients to every B / C layout, and handles the last state's gradient;
     also in blocks of 16 positions (16, 16, 5: the adjoint state chained from the last block back)."""
     if blocks:
-        monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 2 * 8 * 4 * 16)  # batch x D_in x N x 16 positions
+        monkeypatch.setattr(kernels_module, "BLOCK_ELEMENTS", 2 * 8 * 4 * 16)  # batch x D_in x N x 16 positions
     u, delta, A, B, C, D, z, bias = make_inputs(37)
     scan = dict(backend="torch", chunk_size=8)
     if layout == "time_invariant":
@@ -290,14 +293,14 @@ def test_fast_softplus_matches_torch(dtype):
     x = torch.cat([torch.linspace(-80, 100, 20001, dtype=dtype), torch.randn(10000, dtype=dtype) * 10,
                    torch.tensor([0.0, 1e-30, -1e-30, 17.0, -17.0, 1e-8, -1e-8], dtype=dtype)])
     ref = F.softplus(x.double(), threshold=1000)
-    rel_err = ((scan_module.softplus(x).double() - ref) / ref).abs().max().item()
+    rel_err = ((softplus_module.softplus(x).double() - ref) / ref).abs().max().item()
     assert rel_err < (4 * torch.finfo(dtype).eps if dtype == torch.float32 else 1e-14)
-    out = scan_module.softplus(torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype))
+    out = softplus_module.softplus(torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype))
     assert out[0] == float("inf") and out[1] == 0 and torch.isnan(out[2])
     xg = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    scan_module.softplus(xg).sum().backward()
+    softplus_module.softplus(xg).sum().backward()
     torch.testing.assert_close(xg.grad, torch.sigmoid(xg.detach()))
-    assert torch.autograd.gradcheck(scan_module.softplus, (torch.randn(5, dtype=torch.float64, requires_grad=True),))
+    assert torch.autograd.gradcheck(softplus_module.softplus, (torch.randn(5, dtype=torch.float64, requires_grad=True),))
 
 
 @pytest.mark.parametrize("config", ["all", "softplus_only", "plain"])
@@ -317,7 +320,7 @@ def test_no_grad_path_works_in_place_on_its_own_tensors_only(config):
     torch.testing.assert_close(out, selective_scan(*grad_args, backend="torch", chunk_size=16).detach(),
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="no gradient"):
-        scan_module.softplus(grad_args[1], inplace=True)
+        softplus_module.softplus(grad_args[1], inplace=True)
 
 
 def test_chunk_length_is_chosen_per_block(monkeypatch):
@@ -328,9 +331,9 @@ def test_chunk_length_is_chosen_per_block(monkeypatch):
     delta[..., 40:56] = 20.0                                # |delta * A| up to 200 per step in block 2
     A = -torch.rand(4, 3, generator=g) * 10
     B, C = torch.randn(1, 3, 96, generator=g), torch.randn(1, 3, 96, generator=g)
-    monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 4 * 3 * 32)  # blocks of 32 positions
-    lengths, chunk_states = [], scan_module._chunk_states
-    monkeypatch.setattr(scan_module, "_chunk_states",
+    monkeypatch.setattr(kernels_module, "BLOCK_ELEMENTS", 4 * 3 * 32)  # blocks of 32 positions
+    lengths, chunk_states = [], kernels_module.chunk_states
+    monkeypatch.setattr(kernels_module, "chunk_states",
                         lambda chunks, *a, **k: lengths.append(chunks.T) or chunk_states(chunks, *a, **k))
     with torch.no_grad():
         out = selective_scan(u, delta, A, B, C, backend="torch", chunk_size=32)
