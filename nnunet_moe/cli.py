@@ -9,9 +9,9 @@ import sysconfig
 
 
 def cmd_list(args) -> int:
-    from nnunet_moe.training.catalog import TRAINERS
+    from nnunet_moe.training.catalog import trainer_classes
 
-    rows = [(t.name, ", ".join(t.configurations), t.paper) for t in TRAINERS]
+    rows = [(cls.__name__, ", ".join(cls.supported_configurations), cls.paper) for cls in trainer_classes()]
     if not rows:
         print("No nnunet-moe trainers are installed in this version.")
     else:
@@ -59,7 +59,8 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from nnunet_moe import __version__
-    from nnunet_moe.demo import DEFAULT_CONFIGURATION, DEFAULT_TRAINER
+    from nnunet_moe.demo import DEFAULT_TRAINER
+    from nnunet_moe.demo_dataset import DEFAULT_CONFIGURATION, DEFAULT_DATASET_ID, DEFAULT_DATASET_NAME
 
     parser = argparse.ArgumentParser(prog="nnunet-moe", description="nnU-Net v2 trainers for MoE, Mamba and "
                                      "learned patch selection architectures.")
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="plan, train, predict and evaluate on the bundled real MRI data")
     demo.add_argument("--work-dir", default="nnunet_moe_demo",
                       help="where nnUNet_raw/_preprocessed/_results go when they are unset (default: %(default)s)")
-    demo.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id (default: %(default)s)")
-    demo.add_argument("--dataset-name", default="Hippocampus", help="dataset folder name (default: %(default)s)")
+    demo.add_argument("--dataset-id", type=int, default=DEFAULT_DATASET_ID, help="nnU-Net dataset id (default: %(default)s)")
+    demo.add_argument("--dataset-name", default=DEFAULT_DATASET_NAME, help="dataset folder name (default: %(default)s)")
     demo.add_argument("-tr", "--trainer", default=DEFAULT_TRAINER, help="trainer (default: %(default)s)")
     demo.add_argument("-c", "--configuration", default=DEFAULT_CONFIGURATION, help="(default: %(default)s)")
     demo.add_argument("-f", "--fold", type=int, default=0, help="(default: %(default)s)")

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from nnunet_moe.layers.patch_grid import PatchGrid, pad_to_patch_size
-from nnunet_moe.networks.nmsw import (ENTROPY_WEIGHT, NMSWNet, build_default_nmsw_from_plans, first_output,
-                                      selection_entropy)
+from nnunet_moe.networks.nmsw import ENTROPY_WEIGHT, NMSWNet, first_output, selection_entropy
+from nnunet_moe.networks.nmsw_plans import build_default_nmsw_from_plans
 
 NUM_CLASSES = 3
 

@@ -366,7 +366,7 @@ def test_plain_checkpoint_under_nmsw_trainer_is_a_clear_error(trainer, tmp_path)
     ((20, 16, 12), 3, None, (7, 6, 4)),
 ])
 def test_global_input_size_is_full_size_over_three_rounded_to_the_stride(size, factor, divisor, expected):
-    from nnunet_moe.networks.nmsw import downsampled_size
+    from nnunet_moe.networks.nmsw_plans import downsampled_size
 
     assert downsampled_size(size, factor, divisor) == expected
 

@@ -1,8 +1,8 @@
 import pytest
-import torch
 
 from nnunet_moe.training import short_schedule
-from nnunet_moe.training.short_schedule import parse_short_name, short_schedule_trainer
+from nnunet_moe.trainer_names import parse_short_name
+from nnunet_moe.training.short_schedule import short_schedule_trainer
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -12,7 +12,7 @@ from nnunet_moe.networks.swin_smt import (
     validate_swin_input_shape,
 )
 
-# Parameter counts of the authors' model (REFERENCE_NOTES, Swin SMT): 1 input channel, 118 classes,
+# Parameter counts of the authors' model (their released configuration): 1 input channel, 118 classes,
 # feature size 48, Soft MoE in the last three stages.
 PAPER_COUNTS = {
     (False, 0): 62_192_392,
@@ -84,20 +84,21 @@ def test_deep_supervision_outputs_with_moe(spatial_dims, size):
         for i, o in enumerate(outs):
             assert o.shape == (1, 3, *(s // 2**i for s in size))
             assert torch.isfinite(o).all()
-        assert net.deep_supervision_scales() == [[1.0 / 2**i] * spatial_dims for i in range(5)]
-        net.set_deep_supervision(False)
+        assert [[1.0 / f] * spatial_dims for f in SwinSMT.deep_supervision_factors()] == \
+            [[1.0 / 2**i] * spatial_dims for i in range(5)]
+        net.decoder.deep_supervision = False
         single = net(x)
     assert isinstance(single, torch.Tensor)
     torch.testing.assert_close(single, outs[0], rtol=0, atol=0)
-    net.deep_supervision = True
-    assert net.deep_supervision is True
+    net.decoder.deep_supervision = True
+    assert net.decoder.deep_supervision is True
 
 
 def test_deep_supervision_heads_not_counted_and_checkpoint_round_trip():
     kwargs = dict(in_channels=1, out_channels=3, feature_size=12, num_experts=2)
     with_heads = SwinSMT(deep_supervision=True, **kwargs)
     without = SwinSMT(deep_supervision=False, **kwargs)
-    head_params = sum(p.numel() for p in with_heads.deep_supervision_heads.parameters())
+    head_params = sum(p.numel() for p in with_heads.decoder.heads.parameters())
     assert head_params == (12 + 24 + 48 + 96) * 3 + 4 * 3
     assert sum(p.numel() for p in with_heads.parameters()) == sum(p.numel() for p in without.parameters()) + head_params
     # a checkpoint trained with deep supervision loads strictly into an inference network without heads
@@ -105,7 +106,7 @@ def test_deep_supervision_heads_not_counted_and_checkpoint_round_trip():
     assert not result.missing_keys and not result.unexpected_keys
     torch.testing.assert_close(without.out.conv.conv.weight, with_heads.out.conv.conv.weight, rtol=0, atol=0)
     with pytest.raises(ValueError, match="deep_supervision=True"):
-        without.deep_supervision = True
+        without.decoder.deep_supervision = True
 
 
 def test_input_size_rule():
@@ -148,3 +149,17 @@ def test_bad_construction_raises(kwargs, match):
     base.update(kwargs)
     with pytest.raises(ValueError, match=match):
         SwinSMT(**base)
+
+
+def test_state_dict_with_the_heads_old_names_loads():
+    # before the heads moved under ``decoder`` they were saved as ``deep_supervision_heads.*``
+    kwargs = dict(in_channels=1, out_channels=3, feature_size=12, num_experts=2)
+    trained = SwinSMT(deep_supervision=True, **kwargs)
+    old = {k.replace("decoder.heads.", "deep_supervision_heads."): v for k, v in trained.state_dict().items()}
+    assert sum(k.startswith("deep_supervision_heads.") for k in old) == 8
+    net = SwinSMT(deep_supervision=True, **kwargs)
+    result = net.load_state_dict(old, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for mine, theirs in zip(net.decoder.heads.parameters(), trained.decoder.heads.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    SwinSMT(deep_supervision=False, **kwargs).load_state_dict(old, strict=True)

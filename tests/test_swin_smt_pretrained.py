@@ -113,6 +113,19 @@ def test_full_layout_nnunet_wrapped_loads_exactly(dense, tmp_path):
     torch.testing.assert_close(moe_net.decoder1.transp_conv.conv.weight, dense.decoder1.transp_conv.conv.weight, rtol=0, atol=0)
 
 
+def test_full_swin_smt_checkpoint_with_old_head_names_loads_the_heads(tmp_path):
+    torch.manual_seed(0)
+    trained = SwinSMT(in_channels=1, out_channels=3, feature_size=FS, num_experts=2, deep_supervision=True)
+    old = {k.replace("decoder.heads.", "deep_supervision_heads."): v for k, v in trained.state_dict().items()}
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": old}, path)
+    net = SwinSMT(in_channels=1, out_channels=3, feature_size=FS, num_experts=2, deep_supervision=True)
+    report = load_swin_unetr_weights(net, path, verbose=False)
+    assert len(report.loaded) == len(old) and not report.missing and not report.unexpected
+    torch.testing.assert_close(net.decoder.heads[3].conv.conv.weight, trained.decoder.heads[3].conv.conv.weight,
+                               rtol=0, atol=0)
+
+
 def test_missing_file_raises(tmp_path):
     net = SwinSMT(in_channels=1, out_channels=3, feature_size=FS, num_experts=0)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
@@ -160,7 +173,7 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path):
     other_classes = SwinUNETR(in_channels=1, out_channels=5, feature_size=FS)
     torch.save({"state_dict": other_classes.state_dict()}, path)
     report = load_swin_unetr_weights(net, path, skip_mismatched=True, verbose=False)
-    assert report.mismatched == ["out.conv.conv.weight", "out.conv.conv.bias"]
+    assert list(report.skipped) == ["out.conv.conv.weight", "out.conv.conv.bias"]
     torch.testing.assert_close(net.encoder1.layer.conv1.conv.weight, other_classes.encoder1.layer.conv1.conv.weight)
 
 

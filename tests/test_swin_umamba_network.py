@@ -117,7 +117,7 @@ def test_swin_umamba_forward_shapes_and_deep_supervision(spatial):
     x = torch.randn(1, 2, *spatial)
     outs = model(x)
     assert [tuple(o.shape) for o in outs] == [(1, 3, *(s // f for s in spatial)) for f in (1, 2, 4, 8)]
-    model.deep_supervision = False
+    model.decoder.deep_supervision = False
     assert model.decoder.deep_supervision is False
     single = model(x)
     assert isinstance(single, torch.Tensor) and single.shape == (1, 3, *spatial)
@@ -131,7 +131,7 @@ def test_swin_umamba_dagger_forward_shapes_and_deep_supervision(spatial):
     x = torch.randn(1, 2, *spatial)
     outs = model(x)
     assert [tuple(o.shape) for o in outs] == [(1, 3, *(s // f for s in spatial)) for f in (1, 4, 8, 16)]
-    model.set_deep_supervision_enabled(False)
+    model.decoder.deep_supervision = False
     assert model(x).shape == (1, 3, *spatial)
 
 

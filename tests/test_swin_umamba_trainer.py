@@ -66,6 +66,9 @@ def test_pretrained_encoder_loaded_and_frozen_for_ten_epochs(tmp_path, monkeypat
         assert torch.equal(tr.network.encoder.state_dict()[k], v), k
     assert sorted(report.dropped) == ["head.weight", "norm.weight"]
     assert not report.missing and not report.unexpected
+    tr.log_load_report(WEIGHTS_ENV, report)  # the trainer's log entry: variable, path and the whole report
+    log = open(tr.log_file).read()
+    assert f"{WEIGHTS_ENV}={path}\n" in log and report.summary(max_names=None) in log
 
     tr.optimizer, tr.lr_scheduler = tr.configure_optimizers()
     tr.num_epochs = 12

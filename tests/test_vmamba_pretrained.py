@@ -100,3 +100,24 @@ def test_encoder_parameters_to_freeze_excludes_patch_embedding():
     assert all(p.requires_grad for p in net.decoder.parameters()) and all(p.requires_grad for p in net.stem.parameters())
     set_encoder_frozen(net, False)
     assert all(p.requires_grad for p in net.parameters())
+
+
+def test_both_loaders_report_in_one_shape_with_reasons(tmp_path):
+    from nnunet_moe.networks.swin_smt import SwinSMT
+    from nnunet_moe.pretrained.load_report import LoadReport
+    from nnunet_moe.pretrained.swin_unetr_weights import load_swin_unetr_weights
+
+    path = tmp_path / "vssmtiny.pth"
+    write_vmamba_checkpoint(path)
+    report = load_vmamba_encoder_weights(SwinUMamba(1, 3, stem_channels=8, **DIMS), path)
+    assert isinstance(report, LoadReport) and report.checkpoint == str(path)
+    text = report.summary(max_names=None)
+    assert text.startswith("Loaded vssmtiny.pth (VMamba encoder layout): 76 tensors loaded, 2 skipped, 4 dropped, "
+                           "2 missing, 0 unexpected")
+    assert "patch_embed.proj.weight (shape (8, 3, 4, 4) in checkpoint, (8, 8, 2, 2) in encoder)" in text
+    assert "dropped (not used by this network): 4 [" in text and "head.weight" in text
+
+    swin = SwinSMT(in_channels=1, out_channels=3, feature_size=12, num_experts=0)
+    swin_path = tmp_path / "swin.pt"
+    torch.save(swin.state_dict(), swin_path)
+    assert type(load_swin_unetr_weights(swin, swin_path, verbose=False)) is LoadReport

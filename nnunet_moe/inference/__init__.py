@@ -1,1 +1,1 @@
-"""inference of nnunet-moe (imports go downward only: training -> networks -> layers)."""
+"""Inference beyond nnU-Net's sliding window (NMSW); imports ``networks``, never ``training``."""

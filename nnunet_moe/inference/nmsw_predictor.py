@@ -51,7 +51,7 @@ turned into clear errors by the wrapped ``initialize_from_trained_model_folder``
   that wrote it, instead of ``load_state_dict``'s list of missing keys;
 - the results folder belongs to an NMSW trainer (``nnUNetTrainerNMSW...__plans__configuration``) but
   the checkpoint was written by a non-NMSW trainer (only detectable in a process where this module
-  was installed, e.g. the Python API or ``nnunet_moe.benchmark.nmsw_bench``).
+  was installed, e.g. the Python API or ``nnunet-moe benchmark``).
 """
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ def register_nmsw_trainer(name: str) -> None:
 
 def is_nmsw_trainer_name(name: str) -> bool:
     """True for a registered NMSW trainer name, also with a short-schedule suffix
-    ``_<E>epochs[_<I>iters][_bs<B>]`` (the grammar of :func:`~nnunet_moe.training.short_schedule.parse_short_name`)."""
-    from nnunet_moe.training.short_schedule import parse_short_name
+    ``_<E>epochs[_<I>iters][_bs<B>]`` (the grammar of :func:`~nnunet_moe.trainer_names.parse_short_name`)."""
+    from nnunet_moe.trainer_names import parse_short_name
 
     if name in _NMSW_TRAINER_NAMES:
         return True

@@ -1,1 +1,2 @@
-"""layers of nnunet-moe (imports go downward only: training -> networks -> layers)."""
+"""Building blocks, one layer per module (Soft MoE, selective scan, SS2D/SS3D, VSS block, Gumbel top-K,
+patch grid and aggregation). Imports only torch, MONAI and each other."""

@@ -1,1 +1,1 @@
-"""networks of nnunet-moe (imports go downward only: training -> networks -> layers)."""
+"""One module per paper's model, composed from ``layers`` (and MONAI / dynamic-network-architectures)."""

@@ -46,10 +46,7 @@ k_random=1, k_infer=5, tau=2/3, overlap=0.5, blend="learned", ...)``
 - ``selection_entropy(out.objectness)``: mean entropy (nats) of the selection distribution; the
   paper's loss is ``Dice+CE(high) + Dice+CE(low) + mean_k Dice+CE(patch_k) - lambda * H`` with
   ``lambda = 1e-4`` (``ENTROPY_WEIGHT``; subtracting rewards exploration).
-- ``build_default_nmsw_from_plans(plans_manager, configuration_manager, dataset_json, ...)``: both
-  nets from the plans' architecture via ``get_network_from_plans(..., deep_supervision=False)``;
-  ``global_input_size`` defaults to the plans' patch size (the whole volume is resized to the patch
-  the architecture was planned for).
+- Built from nnU-Net plans: :mod:`nnunet_moe.networks.nmsw_plans`.
 
 Objectness head (deviation, documented): the paper scores patches from the global backbone's
 penultimate features. Features are not generically reachable for an arbitrary ``global_net`` (a
@@ -69,7 +66,6 @@ all N candidate patches would need every patch cropped); the softmax spreads it 
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -81,8 +77,7 @@ from nnunet_moe.layers.gumbel_topk import GumbelTopK, TopKSelection, gumbel_topk
 from nnunet_moe.layers.patch_aggregation import PatchAggregation
 from nnunet_moe.layers.patch_grid import PatchGrid, box_sums, pad_to_patch_size
 
-__all__ = ["NMSWNet", "NMSWOutput", "ObjectnessHead", "selection_entropy", "build_default_nmsw_from_plans",
-           "ENTROPY_WEIGHT", "first_output", "stride_divisor", "downsampled_size"]
+__all__ = ["NMSWNet", "NMSWOutput", "ObjectnessHead", "selection_entropy", "ENTROPY_WEIGHT", "first_output"]
 
 ENTROPY_WEIGHT = 1e-4  # paper (the authors' code uses 1e-5)
 
@@ -439,67 +434,3 @@ def _require_finite(tensor: torch.Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         raise RuntimeError(f"NMSW inference produced non-finite values (NaN/inf) in {what}; check the "
                            f"checkpoint and the input")
-
-
-def stride_divisor(arch_kwargs: dict, ndim: int) -> Optional[Tuple[int, ...]]:
-    """Total downsampling per axis of an nnU-Net CNN (product of its ``strides``); None if not given."""
-    strides = arch_kwargs.get("strides")
-    if strides is None:
-        return None
-    total = np.ones(ndim, dtype=np.int64)
-    for s in strides:
-        s = [s] * ndim if isinstance(s, int) else list(s)
-        total *= np.asarray(s, dtype=np.int64)
-    return tuple(int(t) for t in total)
-
-
-def downsampled_size(size: Sequence[int], factor: float, divisor: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
-    """``size / factor`` per axis, rounded up to a multiple of ``divisor`` (a network's total stride) and
-    at least ``divisor``: the paper's "whole volume downsampled x3" as a size a U-Net accepts.
-    E.g. ``(320, 320, 320)``, factor 3, divisor 32 -> ``(128, 128, 128)``."""
-    if not float(factor) > 0:
-        raise ValueError(f"downsampling factor must be > 0, got {factor!r}")
-    divisor = tuple(int(d) for d in divisor) if divisor is not None else (1,) * len(size)
-    if len(divisor) != len(size):
-        raise ValueError(f"divisor {divisor} and size {tuple(size)} need the same number of axes")
-    return tuple(int(d * max(1, math.ceil(float(n) / float(factor) / d))) for n, d in zip(size, divisor))
-
-
-def build_default_nmsw_from_plans(plans_manager, configuration_manager, dataset_json: dict,
-                                  global_input_size: Optional[Sequence[int]] = None, k_train: int = 3,
-                                  k_random: int = 1, k_infer: int = 5, tau: float = 2.0 / 3.0, overlap: float = 0.5,
-                                  **nmsw_kwargs) -> NMSWNet:
-    """NMSW-Net whose global and local nets are the plans' architecture (deep supervision off).
-
-    ``plans_manager``: ``nnunetv2`` ``PlansManager``; ``configuration_manager``: its
-    ``ConfigurationManager`` (e.g. ``plans_manager.get_configuration('3d_fullres')``). Both nets come
-    from ``get_network_from_plans(arch_class_name, arch_kwargs, arch_kwargs_req_import, input_channels,
-    output_channels, allow_init=True, deep_supervision=False)``; the patch is the plans' patch size and
-    ``global_input_size`` defaults to it (it must be divisible by the architecture's total stride).
-    Region-based label sets get ``mask_background=False`` unless given.
-    """
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-
-    label_manager = plans_manager.get_label_manager(dataset_json)
-    in_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    num_classes = label_manager.num_segmentation_heads
-    patch_size = tuple(int(p) for p in configuration_manager.patch_size)
-    global_input_size = patch_size if global_input_size is None else tuple(int(s) for s in global_input_size)
-    arch_kwargs = configuration_manager.network_arch_init_kwargs
-    divisor = stride_divisor(arch_kwargs, len(patch_size))
-    if divisor is not None and len(global_input_size) == len(divisor) and \
-            any(s % d for s, d in zip(global_input_size, divisor)):
-        raise ValueError(f"global_input_size {global_input_size} must be divisible by the architecture's total "
-                         f"stride {divisor} per axis")
-    if label_manager.has_regions:
-        nmsw_kwargs.setdefault("mask_background", False)
-
-    def make_net() -> nn.Module:
-        return get_network_from_plans(configuration_manager.network_arch_class_name, arch_kwargs,
-                                      configuration_manager.network_arch_init_kwargs_req_import,
-                                      in_channels, num_classes, allow_init=True, deep_supervision=False)
-
-    return NMSWNet(make_net(), make_net(), num_classes=num_classes, in_channels=in_channels,
-                   patch_size=patch_size, global_input_size=global_input_size, k_train=k_train,
-                   k_random=k_random, k_infer=k_infer, tau=tau, overlap=overlap, **nmsw_kwargs)

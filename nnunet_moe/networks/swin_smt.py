@@ -11,18 +11,19 @@ into tokens, so routing is global over the whole feature map of that stage (as i
 With ``num_experts=0`` the network has exactly MONAI's modules and state-dict keys.
 
 Shapes: input ``(B, in_channels, *spatial)`` with ``spatial_dims`` = 2 or 3 spatial axes, each divisible by
-``swin_input_divisor(patch_size)`` (32 by default). Output: logits ``(B, out_channels, *spatial)``, or with
-deep supervision a list ``[full, 1/2, 1/4, 1/8, 1/16]`` of logits (see :meth:`SwinSMT.deep_supervision_scales`).
+``SwinSMT.input_divisor(patch_size)`` (32 by default). Output: logits ``(B, out_channels, *spatial)``, or with
+deep supervision a list ``[full, 1/2, 1/4, 1/8, 1/16]`` of logits (``SwinSMT.deep_supervision_factors()``).
 
-Deep supervision: with ``deep_supervision=True`` four extra 1x1(x1) convolution heads
-(``deep_supervision_heads``, MONAI ``UnetOutBlock``) map the outputs of MONAI's ``decoder2`` (1/2),
-``decoder3`` (1/4), ``decoder4`` (1/8) and ``decoder5`` (1/16) to logits; the full-resolution logits come
-from MONAI's ``out`` head on ``decoder1``. A trainer toggles the output with ``network.deep_supervision = bool``
-or ``network.set_deep_supervision(bool)``; the heads are kept when it is switched off, so checkpoints keep
-the same keys. A network built with ``deep_supervision=False`` has no heads (MONAI's parameter count and
-keys) and silently ignores ``deep_supervision_heads.*`` entries of a loaded state dict (they are unused
-without deep supervision), so an nnU-Net checkpoint trained with deep supervision loads into an inference
-network built without it.
+Deep supervision: ``network.decoder`` (:class:`DeepSupervisionHeads`; MONAI's own decoder is ``decoder1`` ..
+``decoder5``) holds four extra 1x1(x1) convolution heads (MONAI ``UnetOutBlock``) that map the outputs of
+MONAI's ``decoder2`` (1/2), ``decoder3`` (1/4), ``decoder4`` (1/8) and ``decoder5`` (1/16) to logits; the
+full-resolution logits come from MONAI's ``out`` head on ``decoder1``. ``network.decoder.deep_supervision``
+switches the list output, the attribute nnU-Net's ``set_deep_supervision_enabled`` sets; the heads are kept
+when it is off, so checkpoints keep the same keys. A network built with ``deep_supervision=False`` has no
+heads (MONAI's parameter count and keys) and silently ignores ``decoder.heads.*`` entries of a loaded state
+dict (they are unused without deep supervision), so an nnU-Net checkpoint trained with deep supervision
+loads into an inference network built without it. State dicts that name the heads ``deep_supervision_heads.*``
+(their place before they moved under ``decoder``) load too.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ from nnunet_moe.layers.soft_moe import SLOT_SCHEMES, SoftMoE
 
 __all__ = [
     "SwinSMT",
+    "DeepSupervisionHeads",
+    "current_key",
     "swin_input_divisor",
     "validate_swin_input_shape",
     "smallest_valid_swin_shape",
@@ -47,6 +50,13 @@ __all__ = [
 
 # MONAI's SwinTransformer.forward is written for exactly four stages (layers1..layers4).
 NUM_SWIN_STAGES = 4
+_HEADS_PREFIX = "decoder.heads."
+_OLD_HEADS_PREFIX = "deep_supervision_heads."  # the heads' keys before they moved under ``decoder``
+
+
+def current_key(key: str) -> str:
+    """A SwinSMT state-dict key in today's naming: ``deep_supervision_heads.*`` -> ``decoder.heads.*``."""
+    return _HEADS_PREFIX + key[len(_OLD_HEADS_PREFIX):] if key.startswith(_OLD_HEADS_PREFIX) else key
 
 
 def swin_input_divisor(patch_size: int = 2, num_stages: int = NUM_SWIN_STAGES) -> int:
@@ -81,6 +91,42 @@ def smallest_valid_swin_shape(spatial_shape: Sequence[int], patch_size: int = 2,
     return tuple(max(1, math.ceil(int(s) / divisor)) * divisor for s in spatial_shape)
 
 
+class DeepSupervisionHeads(nn.Module):
+    """``SwinSMT.decoder``: the deep-supervision heads on MONAI's ``decoder2`` .. ``decoder5`` and their switch.
+
+    Head ``i`` maps the ``feature_size * 2**i`` channels at 1/2**(i+1) resolution to logits. Built with
+    ``enabled=False`` it has no heads (and no parameters) and ``deep_supervision`` cannot be switched on.
+    """
+
+    def __init__(self, spatial_dims: int, feature_size: int, out_channels: int, enabled: bool) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(
+            UnetOutBlock(spatial_dims=spatial_dims, in_channels=feature_size * 2**i, out_channels=out_channels)
+            for i in range(NUM_SWIN_STAGES)
+        ) if enabled else None
+        self.deep_supervision = enabled
+
+    @property
+    def deep_supervision(self) -> bool:
+        """True: the network returns ``[full, 1/2, 1/4, 1/8, 1/16]`` logits; False: one tensor."""
+        return self._deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, enabled: bool) -> None:
+        if enabled and self.heads is None:
+            raise ValueError(
+                "this SwinSMT was built with deep_supervision=False and has no deep-supervision heads; "
+                "construct it with deep_supervision=True to switch deep supervision on"
+            )
+        self._deep_supervision = bool(enabled)
+
+    def forward(self, logits: torch.Tensor, features: Sequence[torch.Tensor]):
+        """``logits`` alone, or with deep supervision ``[logits, *heads(features)]`` (features at 1/2 .. 1/16)."""
+        if not self._deep_supervision:
+            return logits
+        return [logits] + [head(f) for head, f in zip(self.heads, features)]
+
+
 class SwinSMT(SwinUNETR):
     """Swin Soft Mixture Transformer (Swin SMT) built on MONAI's SwinUNETR.
 
@@ -99,7 +145,7 @@ class SwinSMT(SwinUNETR):
         drop_rate, attn_drop_rate, dropout_path_rate: MONAI's dropout, attention dropout, drop path.
         expert_dropout_rate: dropout inside the experts (default: ``drop_rate``).
         spatial_dims: 2 or 3.
-        deep_supervision: build the extra heads and return one output per decoder scale.
+        deep_supervision: build the extra heads (``decoder``) and return one output per decoder scale.
         norm_name, use_checkpoint, **swin_unetr_kwargs: passed on to MONAI's ``SwinUNETR``.
     """
 
@@ -189,16 +235,19 @@ class SwinSMT(SwinUNETR):
                     dtype=reference.dtype,
                 )
 
-        if deep_supervision:
-            # Inputs of the heads: decoder2 (1/2, F), decoder3 (1/4, 2F), decoder4 (1/8, 4F), decoder5 (1/16, 8F).
-            self.deep_supervision_heads = nn.ModuleList(
-                UnetOutBlock(spatial_dims=spatial_dims, in_channels=feature_size * 2**i, out_channels=out_channels)
-                for i in range(NUM_SWIN_STAGES)
-            )
-        else:
-            self.deep_supervision_heads = None
-        self._deep_supervision = bool(deep_supervision)
-        self._register_load_state_dict_pre_hook(self._drop_unused_head_weights)
+        self.decoder = DeepSupervisionHeads(spatial_dims, feature_size, out_channels, bool(deep_supervision))
+        self._register_load_state_dict_pre_hook(self._upgrade_state_dict)
+
+    # -- facts of the architecture (the trainers read them from the class) ---------------------------
+    @classmethod
+    def input_divisor(cls, patch_size: int = 2) -> int:
+        """Every spatial size must be a multiple of this (see :func:`swin_input_divisor`)."""
+        return swin_input_divisor(patch_size)
+
+    @classmethod
+    def deep_supervision_factors(cls) -> tuple[int, ...]:
+        """Downsampling factor of each deep-supervision output, highest resolution first: 1, 2, 4, 8, 16."""
+        return tuple(2**i for i in range(NUM_SWIN_STAGES + 1))
 
     # -- structure -------------------------------------------------------------------------------------
     def swin_stage(self, stage: int):
@@ -209,32 +258,13 @@ class SwinSMT(SwinUNETR):
         """Qualified name -> SoftMoE module, for every MoE block."""
         return {name: m for name, m in self.named_modules() if isinstance(m, SoftMoE)}
 
-    # -- deep supervision ------------------------------------------------------------------------------
-    @property
-    def deep_supervision(self) -> bool:
-        """True: forward returns ``[full, 1/2, 1/4, 1/8, 1/16]`` logits; False: one tensor."""
-        return self._deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, enabled: bool) -> None:
-        if enabled and self.deep_supervision_heads is None:
-            raise ValueError(
-                "this SwinSMT was built with deep_supervision=False and has no deep-supervision heads; "
-                "construct it with deep_supervision=True to switch deep supervision on"
-            )
-        self._deep_supervision = bool(enabled)
-
-    def set_deep_supervision(self, enabled: bool) -> None:
-        """Same as ``network.deep_supervision = enabled`` (for trainers that call a method)."""
-        self.deep_supervision = enabled
-
-    def deep_supervision_scales(self) -> list[list[float]]:
-        """Per-output scale factors relative to the input, in nnU-Net's format: ``[[1,1,1], [0.5,...], ...]``."""
-        return [[1.0 / 2**i] * self.spatial_dims for i in range(NUM_SWIN_STAGES + 1)]
-
-    def _drop_unused_head_weights(self, state_dict, prefix, *args, **kwargs):
-        if self.deep_supervision_heads is None:
-            for key in [k for k in state_dict if k.startswith(prefix + "deep_supervision_heads.")]:
+    # -- loading -------------------------------------------------------------------------------------
+    def _upgrade_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs before the strict key check: older checkpoints and those trained with heads must load here.
+        for key in [k for k in state_dict if k.startswith(prefix + _OLD_HEADS_PREFIX)]:
+            state_dict[prefix + current_key(key[len(prefix):])] = state_dict.pop(key)
+        if self.decoder.heads is None:  # unused without deep supervision
+            for key in [k for k in state_dict if k.startswith(prefix + _HEADS_PREFIX)]:
                 del state_dict[key]
 
     # -- input checks ----------------------------------------------------------------------------------
@@ -277,10 +307,7 @@ class SwinSMT(SwinUNETR):
         dec2 = self.decoder4(dec3, enc3)  # 1/8
         dec1 = self.decoder3(dec2, enc2)  # 1/4
         dec0 = self.decoder2(dec1, enc1)  # 1/2
-        logits = self.out(self.decoder1(dec0, enc0))
-        if not self._deep_supervision:
-            return logits
-        return [logits] + [head(f) for head, f in zip(self.deep_supervision_heads, (dec0, dec1, dec2, dec3))]
+        return self.decoder(self.out(self.decoder1(dec0, enc0)), (dec0, dec1, dec2, dec3))
 
 
 def _meta_device_mode():

@@ -41,8 +41,9 @@ which reproduces the authors' 27,497,720 parameters (encoder 22,119,840) exactly
 
 Naming: ``network.encoder`` is the VSS encoder whose keys (``patch_embed.*``, ``layers.{i}.blocks.{j}.*``,
 ``layers.{i}.downsample.{reduction,norm}.*``) are the VMamba-Tiny checkpoint's.
-``network.decoder.deep_supervision`` (also ``network.deep_supervision``) toggles the list output,
-as nnU-Net's ``set_deep_supervision_enabled`` expects.
+``network.decoder.deep_supervision`` toggles the list output, as nnU-Net's
+``set_deep_supervision_enabled`` expects. The classmethods ``input_divisor`` and
+``deep_supervision_factors`` state the input-size rule and the output scales for a number of stages.
 """
 from __future__ import annotations
 
@@ -58,11 +59,11 @@ from nnunet_moe.layers.vss_block import VSSBlock
 
 __all__ = [
     "SwinUMamba", "SwinUMambaD", "VSSEncoder", "VSSStage", "PatchEmbed", "PatchExpand",
-    "check_spatial_shape", "SWIN_UMAMBA_DIVISOR", "SWIN_UMAMBA_D_DIVISOR",
+    "check_spatial_shape", "VMAMBA_TINY_DIMS", "VMAMBA_TINY_DEPTHS",
 ]
 
-SWIN_UMAMBA_DIVISOR = 32    # stem stride 2 x patch 2 x three 2x patch merges
-SWIN_UMAMBA_D_DIVISOR = 32  # patch 4 x three 2x patch merges
+VMAMBA_TINY_DIMS = (96, 192, 384, 768)
+VMAMBA_TINY_DEPTHS = (2, 2, 9, 2)
 
 
 def check_spatial_shape(spatial_shape: Sequence[int], divisor: int, model_name: str = "network") -> None:
@@ -74,6 +75,13 @@ def check_spatial_shape(spatial_shape: Sequence[int], divisor: int, model_name: 
             f"{model_name}: spatial shape {tuple(int(s) for s in spatial_shape)} is not supported; every spatial "
             f"size must be divisible by {divisor} (the total down-sampling of the network), e.g. {suggestion}"
         )
+
+
+def _check_input(x: torch.Tensor, spatial_dims: int, divisor: int, model_name: str) -> None:
+    """(B, C, *spatial) with every spatial size divisible by ``divisor``, else a clear error."""
+    if x.dim() != spatial_dims + 2:
+        raise ValueError(f"{model_name}(spatial_dims={spatial_dims}) expects (B, C, *spatial), got {tuple(x.shape)}")
+    check_spatial_shape(x.shape[2:], divisor, model_name)
 
 
 def _validate_common(spatial_dims: int, dims: Sequence[int], depths: Sequence[int]) -> None:
@@ -148,8 +156,8 @@ class VSSEncoder(nn.Module):
     ``(B, C_in, *S)`` -> list of stage outputs, channels-last, ``(B, *S/(p*2^i), dims[i])``.
     """
 
-    def __init__(self, in_channels: int, patch_size: int, dims: Sequence[int] = (96, 192, 384, 768),
-                 depths: Sequence[int] = (2, 2, 9, 2), drop_path_rate: float = 0.2, spatial_dims: int = 2,
+    def __init__(self, in_channels: int, patch_size: int, dims: Sequence[int] = VMAMBA_TINY_DIMS,
+                 depths: Sequence[int] = VMAMBA_TINY_DEPTHS, drop_path_rate: float = 0.2, spatial_dims: int = 2,
                  **block_kwargs) -> None:
         super().__init__()
         _validate_common(spatial_dims, dims, depths)
@@ -170,35 +178,6 @@ class VSSEncoder(nn.Module):
             out, x = layer(x)
             outputs.append(out)
         return outputs
-
-
-def _set_ds(module: nn.Module, enabled: bool) -> None:
-    module.deep_supervision = bool(enabled)
-
-
-class _DeepSupervisionMixin:
-    """``network.deep_supervision`` mirrors ``network.decoder.deep_supervision`` (nnU-Net's toggle)."""
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """(B, C, *spatial) with every spatial size divisible by ``total_downsampling``, else a clear error."""
-        name = type(self).__name__
-        if x.dim() != self.spatial_dims + 2:
-            raise ValueError(f"{name}(spatial_dims={self.spatial_dims}) expects (B, C, *spatial), got {tuple(x.shape)}")
-        check_spatial_shape(x.shape[2:], self.total_downsampling, name)
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self.decoder.deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, enabled: bool) -> None:
-        _set_ds(self.decoder, enabled)
-
-    def set_deep_supervision_enabled(self, enabled: bool) -> None:
-        _set_ds(self.decoder, enabled)
-
-    def _select(self, logits: list[torch.Tensor]):
-        return logits if self.decoder.deep_supervision else logits[0]
 
 
 class _UNETRDecoder(nn.Module):
@@ -233,11 +212,12 @@ class _UNETRDecoder(nn.Module):
             d = up(d, skips[level])
             decoded[level] = d
         decoded[0] = self.final(decoded[0])
-        heads = self.heads if self.deep_supervision else self.heads[:1]
-        return [head(decoded[level]) for level, head in enumerate(heads)]
+        if not self.deep_supervision:
+            return self.heads[0](decoded[0])
+        return [head(decoded[level]) for level, head in enumerate(self.heads)]
 
 
-class SwinUMamba(_DeepSupervisionMixin, nn.Module):
+class SwinUMamba(nn.Module):
     """Swin-UMamba: conv stem + VMamba-Tiny encoder + UNETR-style residual decoder (see module docstring).
 
     Args:
@@ -251,16 +231,14 @@ class SwinUMamba(_DeepSupervisionMixin, nn.Module):
         scan_backend: selective-scan backend (None: ``NNUNET_MOE_SELECTIVE_SCAN`` / auto).
     """
 
-    total_downsampling = SWIN_UMAMBA_DIVISOR
-
     def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 2, stem_channels: int = 48,
-                 dims: Sequence[int] = (96, 192, 384, 768), depths: Sequence[int] = (2, 2, 9, 2),
+                 dims: Sequence[int] = VMAMBA_TINY_DIMS, depths: Sequence[int] = VMAMBA_TINY_DEPTHS,
                  drop_path_rate: float = 0.2, d_state: int = 16, deep_supervision: bool = True,
                  norm_name="instance", res_block: bool = True, stem_act=None, scan_backend: str | None = None) -> None:
         super().__init__()
         _validate_common(spatial_dims, dims, depths)
         self.spatial_dims = spatial_dims
-        self.total_downsampling = 2 * 2 * 2 ** (len(dims) - 1)
+        self.total_downsampling = self.input_divisor(len(dims))
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         norm = nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d
         stem = [conv(in_channels, stem_channels, kernel_size=7, stride=2, padding=3), norm(stem_channels, affine=True)]
@@ -274,11 +252,21 @@ class SwinUMamba(_DeepSupervisionMixin, nn.Module):
         # dynamic_network_architectures-style keys for weight transfer
         self.key_to_encoder, self.key_to_stem, self.keys_to_in_proj = "encoder", "stem", ("stem.0", "decoder.skips.0")
 
+    @classmethod
+    def input_divisor(cls, num_stages: int = len(VMAMBA_TINY_DIMS)) -> int:
+        """Every spatial size must be a multiple of this: stem stride 2 x patch 2 x one 2x merge per later stage."""
+        return 2 * 2 * 2 ** (num_stages - 1)
+
+    @classmethod
+    def deep_supervision_factors(cls, num_stages: int = len(VMAMBA_TINY_DIMS)) -> tuple[int, ...]:
+        """Downsampling factor of each deep-supervision output, highest resolution first: 1, 2, 4, 8."""
+        return tuple(2 ** level for level in range(num_stages))
+
     def forward(self, x: torch.Tensor):
-        self.check_input(x)
+        _check_input(x, self.spatial_dims, self.total_downsampling, type(self).__name__)
         stem = self.stem(x)
         stages = [s.movedim(-1, 1) for s in self.encoder(stem)]
-        return self._select(self.decoder(x, stem, stages))
+        return self.decoder(x, stem, stages)
 
 
 class _VSSDecoder(nn.Module):
@@ -313,11 +301,12 @@ class _VSSDecoder(nn.Module):
             d = stage(fuse(torch.cat([up(d), stage_outputs[level]], -1)))
             decoded[level] = d
         full = self.final_expand(decoded[0])
-        maps = [full, *decoded] if self.deep_supervision else [full]
-        return [head(m.movedim(-1, 1)) for head, m in zip(self.heads, maps)]
+        if not self.deep_supervision:
+            return self.heads[0](full.movedim(-1, 1))
+        return [head(m.movedim(-1, 1)) for head, m in zip(self.heads, [full, *decoded])]
 
 
-class SwinUMambaD(_DeepSupervisionMixin, nn.Module):
+class SwinUMambaD(nn.Module):
     """Swin-UMamba-dagger: VMamba-Tiny encoder (patch 4) + patch-expanding VSS decoder (see module docstring).
 
     Args mirror :class:`SwinUMamba`; ``decoder_depths`` (2, 2, 2) VSS blocks per decoder stage,
@@ -325,17 +314,15 @@ class SwinUMambaD(_DeepSupervisionMixin, nn.Module):
     supervision returns logits at 1, 1/4, 1/8, 1/16.
     """
 
-    total_downsampling = SWIN_UMAMBA_D_DIVISOR
-
     def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 2,
-                 dims: Sequence[int] = (96, 192, 384, 768), depths: Sequence[int] = (2, 2, 9, 2),
+                 dims: Sequence[int] = VMAMBA_TINY_DIMS, depths: Sequence[int] = VMAMBA_TINY_DEPTHS,
                  decoder_depths: Sequence[int] = (2, 2, 2), drop_path_rate: float = 0.2,
                  decoder_drop_path_rate: float = 0.2, d_state: int = 16, deep_supervision: bool = True,
                  scan_backend: str | None = None) -> None:
         super().__init__()
         _validate_common(spatial_dims, dims, depths)
         self.spatial_dims = spatial_dims
-        self.total_downsampling = 4 * 2 ** (len(dims) - 1)
+        self.total_downsampling = self.input_divisor(len(dims))
         self.encoder = VSSEncoder(in_channels, 4, dims, depths, drop_path_rate, spatial_dims, d_state=d_state,
                                   scan_backend=scan_backend)
         self.decoder = _VSSDecoder(spatial_dims, num_classes, dims, decoder_depths, decoder_drop_path_rate,
@@ -343,6 +330,16 @@ class SwinUMambaD(_DeepSupervisionMixin, nn.Module):
         self.key_to_encoder, self.key_to_stem = "encoder", "encoder.patch_embed"
         self.keys_to_in_proj = ("encoder.patch_embed.proj",)
 
+    @classmethod
+    def input_divisor(cls, num_stages: int = len(VMAMBA_TINY_DIMS)) -> int:
+        """Every spatial size must be a multiple of this: patch 4 x one 2x merge per later stage."""
+        return 4 * 2 ** (num_stages - 1)
+
+    @classmethod
+    def deep_supervision_factors(cls, num_stages: int = len(VMAMBA_TINY_DIMS)) -> tuple[int, ...]:
+        """Downsampling factor of each deep-supervision output, highest resolution first: 1, 4, 8, 16."""
+        return (1,) + tuple(4 * 2 ** level for level in range(num_stages - 1))
+
     def forward(self, x: torch.Tensor):
-        self.check_input(x)
-        return self._select(self.decoder(self.encoder(x)))
+        _check_input(x, self.spatial_dims, self.total_downsampling, type(self).__name__)
+        return self.decoder(self.encoder(x))

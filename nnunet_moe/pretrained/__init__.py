@@ -1,1 +1,1 @@
-"""pretrained of nnunet-moe (imports go downward only: training -> networks -> layers)."""
+"""Checkpoint loaders with a shared ``LoadReport``; they import ``networks`` to know the target layout."""

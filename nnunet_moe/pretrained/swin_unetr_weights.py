@@ -9,7 +9,7 @@ Accepted checkpoint layouts
     ``linear1``/``linear2`` (the mapping MONAI's ``SwinUNETR.load_from`` performs by hand).
 (b) A full SwinUNETR / Swin SMT state dict, bare or wrapped in ``{"state_dict": ...}``, ``{"network_weights": ...}``
     (nnU-Net checkpoints) or ``{"model": ...}``; ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes
-    are removed.
+    are removed; Swin SMT's deep-supervision heads load under their older name ``deep_supervision_heads.*`` too.
 
 Blocks whose MLP is a Soft MoE are *upcycled*: every expert starts as a copy of the checkpoint's dense MLP
 of that block (``mlp.linear1`` -> ``experts.fc1_*``, ``mlp.linear2`` -> ``experts.fc2_*``); the router
@@ -18,15 +18,16 @@ parameters (slot projection and norms, or learned slots) keep their initialisati
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from nnunet_moe.networks.swin_smt import current_key
 from nnunet_moe.networks.unwrap import unwrap_network
 from nnunet_moe.pretrained.checkpoint_io import read_state_dict
+from nnunet_moe.pretrained.load_report import LoadReport
 
-__all__ = ["load_swin_unetr_weights", "LoadReport", "read_state_dict"]
+__all__ = ["load_swin_unetr_weights"]
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 # Per-expert stacked tensor <- dense MLP tensor of the same block.
@@ -38,42 +39,6 @@ _UPCYCLE_MAP = {
 }
 
 
-@dataclass
-class LoadReport:
-    """What :func:`load_swin_unetr_weights` did. Key names refer to the network's state dict
-    (``unexpected``: checkpoint keys after prefix normalisation)."""
-
-    checkpoint: str
-    layout: str
-    loaded: list[str] = field(default_factory=list)
-    upcycled: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-
-    def summary(self, max_names: int = 5) -> str:
-        def names(keys):
-            shown = ", ".join(keys[:max_names])
-            return f" [{shown}{', ...' if len(keys) > max_names else ''}]" if keys else ""
-
-        lines = [
-            f"Loaded {os.path.basename(self.checkpoint)} ({self.layout} layout): "
-            f"{len(self.loaded)} tensors loaded, {len(self.upcycled)} expert tensors upcycled from dense MLPs, "
-            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected"
-            + (f", {len(self.mismatched)} skipped for shape mismatch" if self.mismatched else ""),
-        ]
-        if self.missing:
-            lines.append(f"  missing (kept initialisation): {len(self.missing)}{names(self.missing)}")
-        if self.unexpected:
-            lines.append(f"  unexpected (ignored): {len(self.unexpected)}{names(self.unexpected)}")
-        if self.mismatched:
-            lines.append(f"  shape mismatch (skipped): {len(self.mismatched)}{names(self.mismatched)}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-
 def _normalise_key(key: str) -> str:
     changed = True
     while changed:
@@ -83,8 +48,7 @@ def _normalise_key(key: str) -> str:
                 key = key[len(prefix):]
                 changed = True
     # The self-supervised checkpoint names the MLP layers fc1/fc2, MONAI's MLPBlock linear1/linear2.
-    return key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
-
+    return current_key(key).replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
 
 
 def load_swin_unetr_weights(
@@ -108,7 +72,7 @@ def load_swin_unetr_weights(
         verbose: print the report summary.
 
     Returns:
-        :class:`LoadReport` with loaded / upcycled / missing / unexpected keys.
+        :class:`~nnunet_moe.pretrained.load_report.LoadReport` (loaded, upcycled, skipped, missing, unexpected keys).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -140,7 +104,7 @@ def load_swin_unetr_weights(
         if tuple(src_shape) == tuple(tgt_shape):
             return True
         if skip_mismatched:
-            report.mismatched.append(tgt_key)
+            report.skipped[tgt_key] = f"shape {tuple(src_shape)} in checkpoint, {tuple(tgt_shape)} in network"
             return False
         raise ValueError(
             f"checkpoint {path!r} does not fit this network: checkpoint tensor {src_key!r} has shape "
@@ -168,7 +132,7 @@ def load_swin_unetr_weights(
         report.missing.append(key)
     report.unexpected = [original_name[k] for k in normalised if k not in used]
 
-    if not report.loaded and not report.upcycled and not report.mismatched:
+    if not report.loaded and not report.upcycled and not report.skipped:
         example = list(source)[:3]
         raise ValueError(
             f"checkpoint {path!r} has no tensor in common with {type(network).__name__} ({len(source)} tensors, e.g. "

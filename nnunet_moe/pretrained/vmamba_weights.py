@@ -24,7 +24,6 @@ Rules
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,28 +32,13 @@ from torch import nn
 
 from nnunet_moe.networks.swin_umamba import VSSEncoder
 from nnunet_moe.pretrained.checkpoint_io import read_state_dict
+from nnunet_moe.pretrained.load_report import LoadReport
 
-__all__ = ["LoadReport", "load_vmamba_encoder_weights", "encoder_parameters_to_freeze", "set_encoder_frozen",
+__all__ = ["load_vmamba_encoder_weights", "encoder_parameters_to_freeze", "set_encoder_frozen",
            "read_vmamba_state_dict", "DROPPED_PREFIXES"]
 
 DROPPED_PREFIXES = ("head.", "norm.")
 _STRIPPED_PREFIXES = ("module.", "encoder.", "vssm_encoder.", "backbone.")
-
-
-@dataclass
-class LoadReport:
-    """What :func:`load_vmamba_encoder_weights` did, key by key (encoder-relative names)."""
-
-    loaded: list[str] = field(default_factory=list)       # copied (including adapted ones)
-    adapted: dict[str, str] = field(default_factory=dict)  # key -> how it was adapted
-    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why not loaded
-    dropped: list[str] = field(default_factory=list)       # classifier head / final norm
-    missing: list[str] = field(default_factory=list)       # encoder keys left at their initialisation
-    unexpected: list[str] = field(default_factory=list)    # checkpoint keys with no encoder counterpart
-
-    def summary(self) -> str:
-        return (f"loaded {len(self.loaded)} (adapted {len(self.adapted)}), skipped {len(self.skipped)}, "
-                f"dropped {len(self.dropped)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}")
 
 
 def _find_encoder(encoder_or_network: nn.Module) -> VSSEncoder:
@@ -89,11 +73,12 @@ def read_vmamba_state_dict(checkpoint_path, trust_checkpoint: bool = False) -> d
 
 def load_vmamba_encoder_weights(encoder_or_network: nn.Module, checkpoint_path,
                                 trust_checkpoint: bool = False) -> LoadReport:
-    """Copy the VMamba-Tiny weights of ``checkpoint_path`` into the VSS encoder; return a :class:`LoadReport`."""
+    """Copy the VMamba-Tiny weights of ``checkpoint_path`` into the VSS encoder; return a
+    :class:`~nnunet_moe.pretrained.load_report.LoadReport` (encoder-relative key names)."""
     encoder = _find_encoder(encoder_or_network)
     checkpoint = read_vmamba_state_dict(checkpoint_path, trust_checkpoint=trust_checkpoint)
     target = encoder.state_dict()
-    report = LoadReport()
+    report = LoadReport(checkpoint=str(checkpoint_path), layout="VMamba encoder")
     new_state = {}
     for key, value in checkpoint.items():
         if key.startswith(DROPPED_PREFIXES):

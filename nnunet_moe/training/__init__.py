@@ -1,1 +1,1 @@
-"""training of nnunet-moe (imports go downward only: training -> networks -> layers)."""
+"""nnU-Net trainers: build ``networks``, load ``pretrained`` weights, use ``inference`` for prediction."""

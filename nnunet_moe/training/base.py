@@ -5,18 +5,19 @@ else (data, augmentation, loss, checkpoints, validation, prediction) is nnU-Net'
 
 - ``paper`` / ``supported_configurations``: shown by ``nnunet-moe list``; another
   configuration is refused with a clear error before anything is written.
-- ``input_divisor``: when set, the plans' patch size is replaced by
-  :func:`nnunet_moe.training.patch_size.valid_patch_size` (saved with the model, so
-  prediction uses it too).
-- ``deep_supervision_factors``: downsampling factor of each output the network returns
-  with deep supervision on (highest resolution first); the loss and the target
-  downsampling are built from it instead of from the plans' CNN pooling.
-- Optimiser: AdamW(``default_lr``, ``default_weight_decay``, ``adam_eps``) with linear
-  warm-up over ``warmup_fraction`` of the epochs and cosine decay, stepped per epoch.
-  nnU-Net's gradient clipping (norm 12) is kept.
+- ``network_class``: our network. Its classmethods ``input_divisor()`` (the plans' patch size
+  is replaced by :func:`nnunet_moe.training.patch_size.valid_patch_size`, saved with the model
+  so prediction uses it too) and ``deep_supervision_factors()`` (downsampling factor of each
+  output, highest resolution first; the loss and the target downsampling are built from it
+  instead of from the plans' CNN pooling) drive the plans. None: nnU-Net's rules apply.
+- ``enable_deep_supervision``: nnU-Net's switch, here a class attribute like the others.
+- Optimiser: AdamW(``initial_lr``, ``weight_decay``, ``adam_eps``) with linear warm-up over
+  ``warmup_fraction`` of the epochs and cosine decay, stepped per epoch. nnU-Net's gradient
+  clipping (norm 12) is kept.
+- ``log_load_report``: the one log entry for pretrained weights, whichever loader read them.
 
-Our networks expose a ``deep_supervision`` attribute read in ``forward``;
-``set_deep_supervision_enabled`` sets it (nnU-Net turns it off for validation/inference).
+Deep supervision follows nnU-Net's convention: the network's ``decoder.deep_supervision``
+selects the list output, which nnU-Net's own ``set_deep_supervision_enabled`` sets.
 ``build_network_architecture`` is a classmethod (nnU-Net calls it on the class with the
 same arguments as its static method), so variants can change class attributes only.
 """
@@ -28,7 +29,6 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_moe.networks.unwrap import unwrap_network  # noqa: F401  (trainers import it from here)
 from nnunet_moe.training.lr_schedules import WarmupCosineLRScheduler
 from nnunet_moe.training.patch_size import valid_patch_size
 
@@ -36,10 +36,10 @@ from nnunet_moe.training.patch_size import valid_patch_size
 class nnUNetMoETrainerBase(nnUNetTrainer):
     paper: str = ""
     supported_configurations: tuple = ("3d_fullres",)
-    input_divisor: int | None = None
-    deep_supervision_factors: tuple | None = None
-    default_lr: float = 1e-4
-    default_weight_decay: float = 1e-5
+    network_class: type | None = None
+    enable_deep_supervision: bool = True
+    initial_lr: float = 1e-4
+    weight_decay: float = 1e-5
     adam_eps: float = 1e-8
     warmup_fraction: float = 0.1
 
@@ -50,37 +50,39 @@ class nnUNetMoETrainerBase(nnUNetTrainer):
                 f"{type(self).__name__} supports the configurations {', '.join(self.supported_configurations)}, "
                 f"not {configuration!r}. Run e.g. nnUNetv2_train DATASET {self.supported_configurations[0]} FOLD "
                 f"-tr {type(self).__name__}.")
-        plans, self._patch_note = self.prepare_plans(plans, configuration)
+        plans, patch_note = self.prepare_plans(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = self.default_lr
-        self.weight_decay = self.default_weight_decay
-        if self._patch_note:
-            self.print_to_log_file(self._patch_note, also_print_to_console=True)
+        # nnU-Net's __init__ gives the instance its own values of these, which would hide our class attributes.
+        del self.initial_lr, self.weight_decay, self.enable_deep_supervision
+        if patch_note:
+            self.print_to_log_file(patch_note, also_print_to_console=True)
 
     @classmethod
     def prepare_plans(cls, plans: dict, configuration: str):
         """A copy of ``plans`` with this architecture's valid patch size; and a note saying what changed."""
-        if cls.input_divisor is None:
+        if cls.network_class is None:
             return plans, ""
+        divisor = cls.network_class.input_divisor()
         plans = copy.deepcopy(plans)
         resolved = PlansManager(plans).get_configuration(configuration).patch_size
-        valid = valid_patch_size(resolved, cls.input_divisor)
+        valid = valid_patch_size(resolved, divisor)
         plans["configurations"][configuration]["patch_size"] = valid
         note = "" if list(resolved) == valid else (
             f"{cls.__name__}: patch size {list(resolved)} from the plans -> {valid} (each axis rounded to the "
-            f"nearest multiple of {cls.input_divisor}, which this architecture's downsampling requires).")
+            f"nearest multiple of {divisor}, which this architecture's downsampling requires).")
         return plans, note
 
     def _get_deep_supervision_scales(self):
-        if not self.enable_deep_supervision:
-            return None
-        if self.deep_supervision_factors is None:
+        if not self.enable_deep_supervision or self.network_class is None:
             return super()._get_deep_supervision_scales()
         ndim = len(self.configuration_manager.patch_size)
-        return [[1.0 / f] * ndim for f in self.deep_supervision_factors]
+        return [[1.0 / f] * ndim for f in self.network_class.deep_supervision_factors()]
 
-    def set_deep_supervision_enabled(self, enabled: bool):
-        unwrap_network(self.network).deep_supervision = enabled
+    def log_load_report(self, env: str, report) -> None:
+        """The log entry of a pretrained-weight load (a :class:`~nnunet_moe.pretrained.load_report.LoadReport`)
+        requested through the environment variable ``env``."""
+        self.print_to_log_file(f"{env}={report.checkpoint}\n{report.summary(max_names=None)}",
+                               also_print_to_console=True)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,

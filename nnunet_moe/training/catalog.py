@@ -1,55 +1,35 @@
-"""The list of our trainers: name -> (module, paper, configurations).
+"""Which trainers nnunet-moe has and where they live: class name -> module.
 
-One place that ``nnunet-moe list``, the nnU-Net trainer folder and the short-schedule
-factory all read, so adding a trainer is one line here plus the class itself.
-Modules are imported lazily: listing names needs no torch.
+Everything else about a trainer (its paper, its configurations) is a class attribute of the
+trainer itself; ``nnunet-moe list`` reads it from there. nnU-Net's trainer folder
+(``trainers/nnunet_moe_trainers.py``) and the short-schedule factory resolve names through
+this table, importing only the module of the trainer asked for.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+
+TRAINER_MODULES: dict[str, str] = {
+    "nnUNetTrainerSwinSMT": "nnunet_moe.training.swin_smt_trainer",
+    "nnUNetTrainerSwinSMTSmall": "nnunet_moe.training.swin_smt_trainer",
+    "nnUNetTrainerSwinUMamba": "nnunet_moe.training.swin_umamba_trainer",
+    "nnUNetTrainerSwinUMambaScratch": "nnunet_moe.training.swin_umamba_trainer",
+    "nnUNetTrainerSwinUMambaD": "nnunet_moe.training.swin_umamba_trainer",
+    "nnUNetTrainerSwinUMambaDScratch": "nnunet_moe.training.swin_umamba_trainer",
+    "nnUNetTrainerNMSW": "nnunet_moe.training.nmsw_trainer",
+}
 
 
-@dataclass(frozen=True)
-class TrainerInfo:
-    name: str
-    module: str
-    paper: str
-    configurations: tuple
-
-    def load(self):
-        return getattr(importlib.import_module(self.module), self.name)
-
-
-TRAINERS: tuple = (
-    TrainerInfo("nnUNetTrainerSwinSMT", "nnunet_moe.training.swin_smt_trainer",
-                "Swin SMT: SwinUNETR with Soft Mixture-of-Experts (Płotka et al., MICCAI 2024)",
-                ("3d_fullres", "2d", "3d_lowres")),
-    TrainerInfo("nnUNetTrainerSwinSMTSmall", "nnunet_moe.training.swin_smt_trainer",
-                "Swin SMT, CPU-sized: feature size 24, 8 experts (demo and tests)",
-                ("3d_fullres", "2d", "3d_lowres")),
-    TrainerInfo("nnUNetTrainerSwinUMamba", "nnunet_moe.training.swin_umamba_trainer",
-                "Swin-UMamba, ImageNet-pretrained VMamba encoder (Liu et al., MICCAI 2024)", ("2d", "3d_fullres")),
-    TrainerInfo("nnUNetTrainerSwinUMambaScratch", "nnunet_moe.training.swin_umamba_trainer",
-                "Swin-UMamba from scratch (Liu et al., MICCAI 2024)", ("2d", "3d_fullres")),
-    TrainerInfo("nnUNetTrainerSwinUMambaD", "nnunet_moe.training.swin_umamba_trainer",
-                "Swin-UMamba† (patch-4 encoder, VSS decoder), pretrained (Liu et al., MICCAI 2024)",
-                ("2d", "3d_fullres")),
-    TrainerInfo("nnUNetTrainerSwinUMambaDScratch", "nnunet_moe.training.swin_umamba_trainer",
-                "Swin-UMamba† from scratch (Liu et al., MICCAI 2024)", ("2d", "3d_fullres")),
-    TrainerInfo("nnUNetTrainerNMSW", "nnunet_moe.training.nmsw_trainer",
-                "No More Sliding Window: differentiable top-K patch sampling (Jeon et al.)",
-                ("3d_fullres",)),
-)
-
-
-def trainer_names() -> list:
-    return [t.name for t in TRAINERS]
+def trainer_names() -> list[str]:
+    return list(TRAINER_MODULES)
 
 
 def our_trainer_class(name: str):
     """Our trainer class called ``name``, or None if it is not one of ours."""
-    for info in TRAINERS:
-        if info.name == name:
-            return info.load()
-    return None
+    module = TRAINER_MODULES.get(name)
+    return None if module is None else getattr(importlib.import_module(module), name)
+
+
+def trainer_classes() -> list:
+    """Every trainer class of ours, in catalogue order (imports their modules)."""
+    return [our_trainer_class(name) for name in TRAINER_MODULES]

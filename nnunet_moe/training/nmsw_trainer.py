@@ -41,9 +41,10 @@ augmentation, checkpoints, final validation, export, evaluation -- is nnU-Net's)
   local patches, ``NNUNET_MOE_NMSW_K``, default 5) instead of the sliding window for NMSW networks.
 
 Deviations: the global input is one fixed size (from the plans' median volume), so a volume much
-larger or smaller than the median is downsampled by more or less than 3x. A volume that fits in one patch (e.g. the hippocampus demo: 36x50x36 vs patch 40x56x40) has a 1-cell
-grid, so NMSW degenerates to "global + one local pass" there -- correct, but the efficiency gain
-needs volumes several patches large (see ``nnunet_moe.benchmark.nmsw_bench``).
+larger or smaller than the median is downsampled by more or less than 3x. A volume that fits in one
+patch (e.g. the hippocampus demo: 36x50x36 vs patch 40x56x40) has a 1-cell grid, so NMSW degenerates
+to "global + one local pass" there -- correct, but the efficiency gain needs volumes several patches
+large (``nnunet-moe benchmark --untrained nnUNetTrainerNMSW --modes nmsw sliding_window`` measures it).
 """
 from __future__ import annotations
 
@@ -63,9 +64,10 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnunet_moe.inference.nmsw_predictor import DEFAULT_K, install, register_nmsw_trainer
-from nnunet_moe.networks.nmsw import ENTROPY_WEIGHT, NMSWNet, NMSWOutput, build_default_nmsw_from_plans, \
-    downsampled_size, selection_entropy, stride_divisor
-from nnunet_moe.training.base import nnUNetMoETrainerBase, unwrap_network
+from nnunet_moe.networks.nmsw import ENTROPY_WEIGHT, NMSWNet, NMSWOutput, selection_entropy
+from nnunet_moe.networks.nmsw_plans import build_default_nmsw_from_plans, downsampled_size, stride_divisor
+from nnunet_moe.networks.unwrap import unwrap_network
+from nnunet_moe.training.base import nnUNetMoETrainerBase
 
 install()  # nnUNetv2_predict / final validation: NMSW networks never take the sliding window
 
@@ -89,11 +91,11 @@ def full_size_for(median_size: Sequence[float], patch_size: Sequence[int], overl
 class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
     paper = "No More Sliding Window: differentiable top-K patch sampling (Jeon et al.)"
     supported_configurations = ("3d_fullres",)
-    default_lr = 3e-4
-    default_weight_decay = 1e-5
+    initial_lr = 3e-4
+    weight_decay = 1e-5
     warmup_fraction = 0.1
 
-    # NMSW settings (paper / authors' code, see REFERENCE_NOTES.md)
+    # NMSW settings: the paper's, where the authors' code differs the paper wins
     k_train = 3
     k_random = 1
     k_infer = DEFAULT_K  # predict time: NNUNET_MOE_NMSW_K overrides it
@@ -106,15 +108,11 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
     dice_weight = 0.8
     ce_weight = 0.2
     entropy_weight = ENTROPY_WEIGHT
+    enable_deep_supervision = False  # NMSW-Net has a single (aggregated) full-size output
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         register_nmsw_trainer(cls.__name__)  # the predictor recognises NMSW results folders by name
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.enable_deep_supervision = False  # NMSW-Net has a single (aggregated) full-size output
 
     # ------------------------------------------------------------------ network
     @classmethod
@@ -151,7 +149,8 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
             unwrap_network(self.network).mask_background = False
 
     def set_deep_supervision_enabled(self, enabled: bool):
-        """No-op: NMSW-Net has no deep supervision (nnU-Net toggles this around validation)."""
+        """No-op: NMSW-Net has no deep supervision, and the plans' CNNs inside it must keep theirs off
+        (nnU-Net calls this around validation; its own version would look for ``network.decoder``)."""
 
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()

@@ -25,26 +25,11 @@ with a full one.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
-_NAME = re.compile(r"^(?P<base>\w+?)_(?P<epochs>\d+)epochs?(?:_(?P<iters>\d+)iters?)?(?:_bs(?P<bs>\d+))?$")
+from nnunet_moe.trainer_names import parse_short_name
+
 _CACHE: dict = {}
-
-
-def parse_short_name(name: str):
-    """``'X_5epochs_20iters'`` -> ``('X', 5, 20, None)``; ``'X_5epochs'`` -> ``('X', 5, None, None)``;
-    ``'X_2epochs_4iters_bs2'`` -> ``('X', 2, 4, 2)``; else None."""
-    m = _NAME.match(name)
-    if m is None:
-        return None
-    epochs = int(m.group("epochs"))
-    iters = int(m.group("iters")) if m.group("iters") else None
-    batch = int(m.group("bs")) if m.group("bs") else None
-    if epochs < 1 or (iters is not None and iters < 1) or (batch is not None and batch < 1):
-        raise ValueError(f"Trainer name {name!r}: epochs, iterations and batch size must be >= 1.")
-    return m.group("base"), epochs, iters, batch
 
 
 def resolve_base_trainer(name: str):

@@ -29,8 +29,9 @@ import os
 
 import torch
 
-from nnunet_moe.networks.swin_smt import SwinSMT, swin_input_divisor
-from nnunet_moe.training.base import nnUNetMoETrainerBase, unwrap_network
+from nnunet_moe.networks.swin_smt import SwinSMT
+from nnunet_moe.networks.unwrap import unwrap_network
+from nnunet_moe.training.base import nnUNetMoETrainerBase
 
 WEIGHTS_ENV = "NNUNET_MOE_SWIN_WEIGHTS"
 
@@ -38,10 +39,9 @@ WEIGHTS_ENV = "NNUNET_MOE_SWIN_WEIGHTS"
 class nnUNetTrainerSwinSMT(nnUNetMoETrainerBase):
     paper = "Swin SMT: SwinUNETR with Soft Mixture-of-Experts (Płotka et al., MICCAI 2024)"
     supported_configurations = ("3d_fullres", "2d", "3d_lowres")
-    input_divisor = swin_input_divisor(patch_size=2)
-    deep_supervision_factors = (1, 2, 4, 8, 16)
-    default_lr = 1e-4
-    default_weight_decay = 1e-5
+    network_class = SwinSMT
+    initial_lr = 1e-4
+    weight_decay = 1e-5
 
     feature_size = 48
     num_experts = 32
@@ -54,11 +54,12 @@ class nnUNetTrainerSwinSMT(nnUNetMoETrainerBase):
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
         # The deep-supervision heads always exist, so training and inference checkpoints have the same keys.
-        net = SwinSMT(in_channels=num_input_channels, out_channels=num_output_channels,
-                      feature_size=cls.feature_size, num_experts=cls.num_experts, moe_stages=cls.moe_stages,
-                      slots=cls.slots, use_v2=cls.use_v2, window_size=cls.window_size,
-                      spatial_dims=len(configuration_manager.patch_size), deep_supervision=True)
-        net.deep_supervision = enable_deep_supervision
+        net = cls.network_class(in_channels=num_input_channels, out_channels=num_output_channels,
+                                feature_size=cls.feature_size, num_experts=cls.num_experts,
+                                moe_stages=cls.moe_stages, slots=cls.slots, use_v2=cls.use_v2,
+                                window_size=cls.window_size, spatial_dims=len(configuration_manager.patch_size),
+                                deep_supervision=True)
+        net.decoder.deep_supervision = enable_deep_supervision
         return net
 
     def initialize(self):
@@ -71,12 +72,13 @@ class nnUNetTrainerSwinSMT(nnUNetMoETrainerBase):
         if path:
             from nnunet_moe.pretrained.swin_unetr_weights import load_swin_unetr_weights
 
-            report = load_swin_unetr_weights(unwrap_network(self.network), path)
-            self.print_to_log_file(f"{WEIGHTS_ENV}={path}\n{report.summary()}", also_print_to_console=True)
+            report = load_swin_unetr_weights(unwrap_network(self.network), path, verbose=False)
+            self.log_load_report(WEIGHTS_ENV, report)
 
 
 class nnUNetTrainerSwinSMTSmall(nnUNetTrainerSwinSMT):
     """Swin SMT at feature size 24 with 8 experts: a CPU-sized variant (demo, tests)."""
 
+    paper = "Swin SMT, CPU-sized: feature size 24, 8 experts (demo and tests)"
     feature_size = 24
     num_experts = 8

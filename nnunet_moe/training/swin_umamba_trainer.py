@@ -23,20 +23,19 @@ import os
 
 import torch
 
-from nnunet_moe.networks.swin_umamba import SWIN_UMAMBA_D_DIVISOR, SWIN_UMAMBA_DIVISOR, SwinUMamba, SwinUMambaD
-from nnunet_moe.training.base import nnUNetMoETrainerBase, unwrap_network
+from nnunet_moe.networks.swin_umamba import SwinUMamba, SwinUMambaD
+from nnunet_moe.networks.unwrap import unwrap_network
+from nnunet_moe.training.base import nnUNetMoETrainerBase
 
 WEIGHTS_ENV = "NNUNET_MOE_VMAMBA_WEIGHTS"
 
 
 class nnUNetTrainerSwinUMamba(nnUNetMoETrainerBase):
-    paper = "Swin-UMamba: Mamba-based UNet with ImageNet-based pretraining (Liu et al., MICCAI 2024)"
+    paper = "Swin-UMamba, ImageNet-pretrained VMamba encoder (Liu et al., MICCAI 2024)"
     supported_configurations = ("2d", "3d_fullres")
     network_class = SwinUMamba
-    input_divisor = SWIN_UMAMBA_DIVISOR
-    deep_supervision_factors = (1, 2, 4, 8)
-    default_lr = 1e-4
-    default_weight_decay = 0.05
+    initial_lr = 1e-4
+    weight_decay = 0.05
     adam_eps = 1e-5
     warmup_fraction = 0.0  # the paper uses a plain cosine schedule
     pretrained = True
@@ -66,7 +65,7 @@ class nnUNetTrainerSwinUMamba(nnUNetMoETrainerBase):
             from nnunet_moe.pretrained.vmamba_weights import load_vmamba_encoder_weights
 
             report = load_vmamba_encoder_weights(unwrap_network(self.network), os.environ[WEIGHTS_ENV])
-            self.print_to_log_file(f"{WEIGHTS_ENV}={os.environ[WEIGHTS_ENV]}\n{report}", also_print_to_console=True)
+            self.log_load_report(WEIGHTS_ENV, report)
 
     def on_train_epoch_start(self):
         if self.pretrained:
@@ -82,18 +81,19 @@ class nnUNetTrainerSwinUMamba(nnUNetMoETrainerBase):
 class nnUNetTrainerSwinUMambaScratch(nnUNetTrainerSwinUMamba):
     """Swin-UMamba from random initialisation."""
 
+    paper = "Swin-UMamba from scratch (Liu et al., MICCAI 2024)"
     pretrained = False
 
 
 class nnUNetTrainerSwinUMambaD(nnUNetTrainerSwinUMamba):
     """Swin-UMamba†: patch-4 VSS encoder and VSS decoder (fewer parameters)."""
 
+    paper = "Swin-UMamba† (patch-4 encoder, VSS decoder), pretrained (Liu et al., MICCAI 2024)"
     network_class = SwinUMambaD
-    input_divisor = SWIN_UMAMBA_D_DIVISOR
-    deep_supervision_factors = (1, 4, 8, 16)
 
 
 class nnUNetTrainerSwinUMambaDScratch(nnUNetTrainerSwinUMambaD):
     """Swin-UMamba† from random initialisation."""
 
+    paper = "Swin-UMamba† from scratch (Liu et al., MICCAI 2024)"
     pretrained = False
