@@ -1,2 +1,3 @@
 """Building blocks, one layer per module (Soft MoE, selective scan, SS2D/SS3D, VSS block, Gumbel top-K,
-patch grid and aggregation). Imports only torch, MONAI and each other."""
+patch grid and aggregation, MoE-SAM adapters, expert-choice routing, feature enhancement, prompt generator).
+Imports only torch, MONAI, segment-anything and each other."""

@@ -56,7 +56,7 @@ class L2RMSNorm(nn.Module):
 
 
 class StackedExpertMLPs(nn.Module):
-    """``E`` independent two-layer MLPs (Linear(d, h) - GELU - Dropout - Linear(h, d)) with stacked weights.
+    """``E`` independent two-layer MLPs (Linear(d, h) - activation - Dropout - Linear(h, d)) with stacked weights.
 
     Weights use ``nn.Linear``'s layout per expert (``fc1_weight[e]`` is expert ``e``'s
     ``linear1.weight`` of shape ``(h, d)``), so a dense MLP can be copied into every expert directly.
@@ -64,10 +64,13 @@ class StackedExpertMLPs(nn.Module):
     a Python loop of ``E`` small matmuls: one kernel launch per layer, same memory, and all experts
     always receive a gradient (Soft MoE gives every slot a weighted input).
 
+    ``activation``: GELU by default (Swin); MoE-SAM's experts use ReLU.
+
     Input/output: ``(B, E, S, d)``.
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int, dropout: float = 0.0, device=None, dtype=None):
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, dropout: float = 0.0, device=None, dtype=None,
+                 activation=F.gelu):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_experts = num_experts
@@ -78,6 +81,7 @@ class StackedExpertMLPs(nn.Module):
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory))
         self.fc2_bias = nn.Parameter(torch.empty(num_experts, dim, **factory))
         self.dropout = nn.Dropout(dropout)
+        self.activation = activation
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -93,7 +97,7 @@ class StackedExpertMLPs(nn.Module):
         b, e, s, d = slots.shape
         x = slots.transpose(0, 1).reshape(e, b * s, d)
         hidden = torch.baddbmm(self.fc1_bias.unsqueeze(1), x, self.fc1_weight.transpose(1, 2))
-        hidden = self.dropout(F.gelu(hidden))
+        hidden = self.dropout(self.activation(hidden))
         out = torch.baddbmm(self.fc2_bias.unsqueeze(1), hidden, self.fc2_weight.transpose(1, 2))
         return out.view(e, b, s, d).transpose(0, 1)
 

@@ -17,6 +17,10 @@ TRAINER_MODULES: dict[str, str] = {
     "nnUNetTrainerSwinUMambaD": "nnunet_moe.training.swin_umamba_trainer",
     "nnUNetTrainerSwinUMambaDScratch": "nnunet_moe.training.swin_umamba_trainer",
     "nnUNetTrainerNMSW": "nnunet_moe.training.nmsw_trainer",
+    "nnUNetTrainerMoESAM": "nnunet_moe.training.moe_sam_trainer",
+    "nnUNetTrainerMoESAMScratch": "nnunet_moe.training.moe_sam_trainer",
+    "nnUNetTrainerMoESAM224": "nnunet_moe.training.moe_sam_trainer",
+    "nnUNetTrainerMoESAMSmall": "nnunet_moe.training.moe_sam_trainer",
 }
 
 
