@@ -145,5 +145,13 @@ def test_dice_vs_time_figure_reads_at_a_glance():
         assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, artist
     assert "1 model(s) without Dice or time not shown" in figure._suptitle.get_text().replace("\n", " ")
 
+    # Real trainer names are long (short-schedule suffixes): the legend must still fit.
+    long_names = [_summary("nnUNetTrainerAdam1en3_3epochs_30iters_bs8", "sliding_window", 0.48, 38.0),
+                  _summary("nnUNetTrainerMoESAMSmall_3epochs_30iters_bs8", "sliding_window", 0.25, 18.0)]
+    figure = dice_vs_time_figure(long_names, "short title")
+    figure.draw(figure.canvas.get_renderer())
+    extent = figure.legends[0].get_window_extent(figure.canvas.get_renderer())
+    assert figure.bbox.x0 <= extent.x0 and extent.x1 <= figure.bbox.x1
+
     close = dice_vs_time_figure([_summary("a", "m", 0.5, 2.0), _summary("b", "m", 0.6, 20.0)], "ten times")
     assert close.axes[0].get_xscale() == "linear" and close.axes[0].get_ylim() == (0.0, 1.0)  # 20 / 2 is not > 10

@@ -191,7 +191,8 @@ def dice_vs_time_figure(summaries: list[dict], title: str):
     full_title = title + (f" ({skipped} model(s) without Dice or time not shown)" if skipped else "")
     figure.suptitle(textwrap.fill(full_title, 80), fontsize=10)
     if plotted:
-        figure.legend(loc="outside lower center", ncols=min(2, len(plotted)), fontsize=8, frameon=False)
+        # One entry per line: trainer names with short-schedule suffixes do not fit two to a row.
+        figure.legend(loc="outside lower center", ncols=1, fontsize=8, frameon=False)
     return figure
 
 

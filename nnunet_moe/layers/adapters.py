@@ -3,7 +3,7 @@
 References
 ----------
 - Li, Wu, Gu et al., "MoE-SAM: Enhancing SAM for Medical Image Segmentation with
-  Mixture-of-Experts" (papers/moe_sam.txt), eq. (1): ``Adapter(X) = X + s(X W_down) W_up`` after
+  Mixture-of-Experts", eq. (1): ``Adapter(X) = X + s(X W_down) W_up`` after
   the attention of every encoder block, and a parallel adapter on the MLP scaled by ``s``.
 - Wu et al., "Medical SAM Adapter" (MSA): the same pair of adapters (attention adapter with a
   skip, MLP adapter in parallel scaled by 0.5, bottleneck ratio 0.25).

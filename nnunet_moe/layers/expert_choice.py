@@ -4,7 +4,7 @@ References
 ----------
 - Zhou, Lei, Liu et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022:
   each of ``E`` experts takes the ``k = capacity * N / E`` items with the highest router score.
-- Li, Wu, Gu et al., "MoE-SAM" (papers/moe_sam.txt), eqs. (2)-(6): noisy router
+- Li, Wu, Gu et al., "MoE-SAM", eqs. (2)-(6): noisy router
   ``H(X) = X W_g + R_noise``, per expert ``I = TopK(H, k)``, weights ``S_I = softmax(H[I])`` over
   the chosen items, experts ``ReLU(X_I W_1) W_2``, an item's output is the sum over the experts
   that chose it (items no expert chose get zeros).

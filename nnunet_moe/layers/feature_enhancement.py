@@ -1,6 +1,6 @@
 """MoE-driven feature enhancing block (MoE-FEB): fuse all ViT block outputs into an auxiliary embedding.
 
-Reference: Li, Wu, Gu et al., "MoE-SAM" (papers/moe_sam.txt), section 2 and Fig. 1(a): the
+Reference: Li, Wu, Gu et al., "MoE-SAM", section 2 and Fig. 1(a): the
 intermediate features of every encoder block are routed to experts (expert-choice routing, see
 :mod:`nnunet_moe.layers.expert_choice`), passed through self-attention and a convolutional neck;
 the result is added to SAM's image embedding.

@@ -1,6 +1,6 @@
 """Lightweight prompt embedding generator (LPEG): a sparse prompt computed from the image embedding.
 
-Reference: Li, Wu, Gu et al., "MoE-SAM" (papers/moe_sam.txt), section 2 and Fig. 1(b): global
+Reference: Li, Wu, Gu et al., "MoE-SAM", section 2 and Fig. 1(b): global
 average pooling of the (enhanced) image embedding and a two-layer bottleneck produce the prompt
 embedding that replaces a user's points or boxes (self-prompting).
 

@@ -1,7 +1,7 @@
 """MoE-SAM: SAM ViT-B with adapters, MoE feature enhancement and learned prompts, for nnU-Net 2D patches.
 
 Paper: Li, Wu, Gu, Xu, Chen, Cai, Bu, "MoE-SAM: Enhancing SAM for Medical Image Segmentation
-with Mixture-of-Experts" (papers/moe_sam.txt). Built from the ``segment-anything`` package's own
+with Mixture-of-Experts". Built from the ``segment-anything`` package's own
 classes (``ImageEncoderViT``, ``PromptEncoder``, ``MaskDecoder``, ``TwoWayTransformer``) with the
 ViT-B settings of ``build_sam_vit_b``, at a square input size ``S`` instead of 1024.
 
@@ -42,9 +42,9 @@ positional encoding are used).
 
 Parameters (segment-anything 1.0, by instantiation; tests/test_moe_sam_network.py): SAM ViT-B
 93,735,472 (encoder 89,670,912 at 1024², 86,672,640 at 256²). Added at ``S = 256``: adapters
-7,100,928 (295,872 per adapter, REFERENCE_NOTES' arithmetic), MoE block 22,047,240 (the notes'
-"about 22.05 M": 22,042,628 for router, experts, attention and neck, plus the noise projection
-3,076 and the pre-attention LayerNorm 1,536), prompt generator 8,976 (the notes' "about 9 k").
+7,100,928 (295,872 = 2 x 768 x 192 + 192 + 768 per adapter), MoE block 22,047,240 (22,042,628 for
+router, experts, attention and neck, plus the noise projection 3,076 and the pre-attention LayerNorm
+1,536), prompt generator 8,976.
 For 3 classes (hippocampus) the decoder has 3 mask tokens (3,918,019 parameters, one token fewer
 than SAM's 4) and 32,942,808 parameters are trainable.
 """
