@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from nnunet_moe.networks.swin_umamba import SwinUMamba, SwinUMambaD, VSSEncoder
-from nnunet_moe.pretrained.vmamba_weights import (encoder_parameters_to_freeze, load_vmamba_encoder_weights,
-                                                  set_encoder_frozen)
+from nnunet_moe.pretrained.vmamba_weights import load_vmamba_encoder_weights, loaded_encoder_parameters
 
 DIMS = dict(dims=(8, 16, 32, 64), depths=(1, 1, 2, 1))
 
@@ -87,19 +86,30 @@ def test_checkpoint_of_another_model_raises_clear_error(tmp_path):
         load_vmamba_encoder_weights(torch.nn.Linear(2, 2), path)
 
 
-def test_encoder_parameters_to_freeze_excludes_patch_embedding():
+def test_2d_freezes_the_whole_encoder_but_the_patch_embedding(tmp_path):
+    path = tmp_path / "vssmtiny.pth"
+    write_vmamba_checkpoint(path)
     net = SwinUMamba(1, 2, stem_channels=8, **DIMS)
-    frozen = encoder_parameters_to_freeze(net)
-    frozen_ids = {id(p) for p in frozen}
-    patch = {id(p) for p in net.encoder.patch_embed.parameters()}
-    layers = {id(p) for p in net.encoder.layers.parameters()}
-    assert frozen_ids == layers and not frozen_ids & patch
-    assert set_encoder_frozen(net, True) == len(frozen)
-    assert not any(p.requires_grad for p in frozen)
-    assert all(p.requires_grad for p in net.encoder.patch_embed.parameters())
-    assert all(p.requires_grad for p in net.decoder.parameters()) and all(p.requires_grad for p in net.stem.parameters())
-    set_encoder_frozen(net, False)
-    assert all(p.requires_grad for p in net.parameters())
+    frozen = loaded_encoder_parameters(net, load_vmamba_encoder_weights(net, path))
+    assert {id(p) for p in frozen.values()} == {id(p) for p in net.encoder.layers.parameters()}
+    assert not any(name.startswith("patch_embed.") for name in frozen)  # the paper trains it from the start
+
+
+def test_3d_freezes_only_what_the_checkpoint_filled(tmp_path):
+    """3D: scan projections, dt, A, D, conv3d and the patch mergings have other shapes than VMamba's 2D ones;
+    they stay at their initialisation, so they must not be frozen."""
+    path = tmp_path / "vssmtiny.pth"
+    source = write_vmamba_checkpoint(path)
+    net = SwinUMambaD(in_channels=1, num_classes=2, spatial_dims=3, decoder_depths=(1, 1, 1), **DIMS)
+    report = load_vmamba_encoder_weights(net, path)
+    frozen = loaded_encoder_parameters(net, report)
+    for name, p in net.encoder.named_parameters():
+        from_checkpoint = name in source and source[name].shape == p.shape and torch.equal(source[name], p.detach())
+        assert (name in frozen) == (from_checkpoint and not name.startswith("patch_embed.")), name
+    assert frozen and "layers.0.blocks.0.self_attention.x_proj_weight" not in frozen
+    assert "layers.0.blocks.0.self_attention.A_logs" not in frozen and "layers.0.downsample.reduction.weight" \
+        not in frozen
+    assert not any(k in frozen for k in report.skipped) and not any(k in frozen for k in report.missing)
 
 
 def test_both_loaders_report_in_one_shape_with_reasons(tmp_path):

@@ -1,1 +1,2 @@
-"""Inference beyond nnU-Net's sliding window (NMSW); imports ``networks``, never ``training``."""
+"""Inference beyond nnU-Net's sliding window (NMSW); imports ``networks`` and ``pretrained.checkpoint_io``,
+never ``training``."""

@@ -52,6 +52,9 @@ turned into clear errors by the wrapped ``initialize_from_trained_model_folder``
 - the results folder belongs to an NMSW trainer (``nnUNetTrainerNMSW...__plans__configuration``) but
   the checkpoint was written by a non-NMSW trainer (only detectable in a process where this module
   was installed, e.g. the Python API or ``nnunet-moe benchmark``).
+
+For these messages the checkpoint is read again with ``weights_only=True`` (numpy scalars allowed);
+a file holding other objects names no trainer unless ``NNUNET_MOE_TRUST_CHECKPOINTS=1``.
 """
 from __future__ import annotations
 
@@ -222,7 +225,12 @@ def _checkpoint_trainer_name(folder: str, use_folds, checkpoint_name: str) -> Tu
     fold = use_folds[0]
     fold = int(fold) if fold != "all" else fold
     path = os.path.join(folder, f"fold_{fold}", checkpoint_name)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    from nnunet_moe.pretrained.checkpoint_io import numpy_scalar_globals, read_checkpoint
+
+    try:  # weights_only: nnU-Net's checkpoints need numpy scalars besides tensors, nothing else
+        checkpoint = read_checkpoint(path, allowed_globals=numpy_scalar_globals())
+    except ValueError as error:  # refused or unreadable: name no trainer rather than unpickle it
+        return path, f"<unknown: {error}>"
     return path, str(checkpoint.get("trainer_name", "<unknown>"))
 
 

@@ -56,7 +56,7 @@ def load_swin_unetr_weights(
     checkpoint_path: str | os.PathLike,
     *,
     skip_mismatched: bool = False,
-    trust_checkpoint: bool = False,
+    trust_checkpoint: bool | None = None,
     verbose: bool = True,
 ) -> LoadReport:
     """Load a SwinUNETR checkpoint (self-supervised encoder or full network) into ``network``.
@@ -68,7 +68,7 @@ def load_swin_unetr_weights(
         skip_mismatched: skip tensors whose shape differs (e.g. another number of classes or input channels)
             and list them in the report, instead of raising.
         trust_checkpoint: allow ``torch.load(weights_only=False)`` for files holding arbitrary Python objects
-            (only for files you trust: unpickling can run code).
+            (only for files you trust: unpickling can run code); None: as ``$NNUNET_MOE_TRUST_CHECKPOINTS``.
         verbose: print the report summary.
 
     Returns:

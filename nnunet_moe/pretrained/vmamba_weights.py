@@ -3,7 +3,9 @@
 References
 ----------
 - Liu et al., "Swin-UMamba", MICCAI 2024, Sec. 2.2 / 3.2: the encoder is initialised from VMamba-Tiny
-  and frozen (except the patch embedding) for the first 10 epochs.
+  and frozen (except the patch embedding) for the first 10 epochs. Only what was loaded is frozen
+  (:func:`loaded_encoder_parameters`): in 3D the scan projections, dt, A, D, the 3D depthwise convolutions
+  and the patch mergings have other shapes, stay at their initialisation and must train.
 - Liu et al., "VMamba", arXiv:2401.10166 (the checkpoint: a dict whose ``"model"`` entry holds
   ``patch_embed.*``, ``layers.{i}.blocks.{j}.{ln_1, self_attention.*}``,
   ``layers.{i}.downsample.{reduction, norm}``, and the classifier ``head.*`` / final ``norm.*``).
@@ -34,8 +36,7 @@ from nnunet_moe.networks.swin_umamba import VSSEncoder
 from nnunet_moe.pretrained.checkpoint_io import read_state_dict
 from nnunet_moe.pretrained.load_report import LoadReport
 
-__all__ = ["load_vmamba_encoder_weights", "encoder_parameters_to_freeze", "set_encoder_frozen",
-           "read_vmamba_state_dict", "DROPPED_PREFIXES"]
+__all__ = ["load_vmamba_encoder_weights", "loaded_encoder_parameters", "read_vmamba_state_dict", "DROPPED_PREFIXES"]
 
 DROPPED_PREFIXES = ("head.", "norm.")
 _STRIPPED_PREFIXES = ("module.", "encoder.", "vssm_encoder.", "backbone.")
@@ -51,11 +52,12 @@ def _find_encoder(encoder_or_network: nn.Module) -> VSSEncoder:
                     f"got {type(encoder_or_network).__name__}")
 
 
-def read_vmamba_state_dict(checkpoint_path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+def read_vmamba_state_dict(checkpoint_path, trust_checkpoint: bool | None = None) -> dict[str, torch.Tensor]:
     """Read a checkpoint file and return its state dict with prefixes stripped; clear errors for bad files.
 
     ``trust_checkpoint=True`` permits arbitrary pickled objects (training checkpoints that also store a config
-    object); only use it for files you trust.
+    object); only use it for files you trust. None (default): trusted only if ``$NNUNET_MOE_TRUST_CHECKPOINTS``
+    is ``1`` (how a user of ``nnUNetv2_train`` says so).
     """
     path = Path(checkpoint_path)
     state = read_state_dict(path, trust_checkpoint=trust_checkpoint)
@@ -72,7 +74,7 @@ def read_vmamba_state_dict(checkpoint_path, trust_checkpoint: bool = False) -> d
 
 
 def load_vmamba_encoder_weights(encoder_or_network: nn.Module, checkpoint_path,
-                                trust_checkpoint: bool = False) -> LoadReport:
+                                trust_checkpoint: bool | None = None) -> LoadReport:
     """Copy the VMamba-Tiny weights of ``checkpoint_path`` into the VSS encoder; return a
     :class:`~nnunet_moe.pretrained.load_report.LoadReport` (encoder-relative key names)."""
     encoder = _find_encoder(encoder_or_network)
@@ -109,15 +111,10 @@ def load_vmamba_encoder_weights(encoder_or_network: nn.Module, checkpoint_path,
     return report
 
 
-def encoder_parameters_to_freeze(network: nn.Module) -> list[nn.Parameter]:
-    """Encoder parameters the paper freezes for the first epochs: all but the patch embedding's."""
-    encoder = _find_encoder(network)
-    return [p for name, p in encoder.named_parameters() if not name.startswith("patch_embed.")]
-
-
-def set_encoder_frozen(network: nn.Module, frozen: bool) -> int:
-    """(Un)freeze :func:`encoder_parameters_to_freeze`; returns how many parameter tensors changed."""
-    params = encoder_parameters_to_freeze(network)
-    for p in params:
-        p.requires_grad_(not frozen)
-    return len(params)
+def loaded_encoder_parameters(encoder_or_network: nn.Module, report: LoadReport) -> dict[str, nn.Parameter]:
+    """The encoder parameters (encoder-relative name -> parameter) that ``report`` says were loaded from the
+    checkpoint, less the patch embedding's, which the paper trains from the start: what the pretrained
+    trainers freeze for their first epochs. Buffers are not parameters and never frozen."""
+    loaded = set(report.loaded)
+    return {name: p for name, p in _find_encoder(encoder_or_network).named_parameters()
+            if name in loaded and not name.startswith("patch_embed.")}

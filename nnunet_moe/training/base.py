@@ -11,7 +11,8 @@ else (data, augmentation, loss, checkpoints, validation, prediction) is nnU-Net'
   output, highest resolution first; the loss and the target downsampling are built from it
   instead of from the plans' CNN pooling) drive the plans. None: nnU-Net's rules apply.
 - ``enable_deep_supervision``: nnU-Net's switch, here a class attribute like the others.
-- Optimiser: AdamW(``initial_lr``, ``weight_decay``, ``adam_eps``) with linear warm-up over
+- Optimiser: ``optimizer_class`` (AdamW; :class:`~nnunet_moe.training.freezing.FreezableAdamW` where
+  parameters are frozen for a while) with ``initial_lr``, ``weight_decay``, ``adam_eps``, linear warm-up over
   ``warmup_fraction`` of the epochs and cosine decay, stepped per epoch. nnU-Net's gradient
   clipping (norm 12) is kept.
 - ``log_load_report``: the one log entry for pretrained weights, whichever loader read them.
@@ -42,6 +43,7 @@ class nnUNetMoETrainerBase(nnUNetTrainer):
     weight_decay: float = 1e-5
     adam_eps: float = 1e-8
     warmup_fraction: float = 0.1
+    optimizer_class: type = torch.optim.AdamW
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -85,8 +87,8 @@ class nnUNetMoETrainerBase(nnUNetTrainer):
                                also_print_to_console=True)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
-                                      eps=self.adam_eps)
+        optimizer = self.optimizer_class(self.network.parameters(), lr=self.initial_lr,
+                                         weight_decay=self.weight_decay, eps=self.adam_eps)
         warmup = int(self.warmup_fraction * self.num_epochs)
         scheduler = WarmupCosineLRScheduler(optimizer, self.initial_lr, self.num_epochs, warmup)
         return optimizer, scheduler

@@ -141,6 +141,13 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
         local = cls.build_local_network(plans_manager, configuration_manager, num_input_channels, num_output_channels)
         if local is not None:
             network.local_net = local
+        for cnn in (network.global_net, network.local_net):
+            decoder = getattr(cnn, "decoder", None)
+            if getattr(decoder, "deep_supervision", True) is False and hasattr(decoder, "seg_layers"):
+                # Without deep supervision the plans' CNN only uses its last head: the others never get a
+                # gradient, which DDP (no find_unused_parameters) waits for. Same training, same state dict.
+                for head in list(decoder.seg_layers)[:-1]:
+                    head.requires_grad_(False)
         return network
 
     def initialize(self):

@@ -13,9 +13,13 @@ What changes against nnU-Net's default trainer:
 - optimiser: AdamW lr 1e-4, weight decay 0.05, eps 1e-5, cosine decay (paper);
 - pretrained (``nnUNetTrainerSwinUMamba``, ``nnUNetTrainerSwinUMambaD``): the VMamba-Tiny
   ImageNet checkpoint given by ``NNUNET_MOE_VMAMBA_WEIGHTS=/path/to/vssmtiny.pth`` is
-  loaded into the encoder, which is frozen except its patch embedding for the first 10
-  epochs. Without the variable these trainers stop with a message saying what to do; the
-  ``...Scratch`` variants train from random weights.
+  loaded into the encoder; the encoder parameters it loaded, less the patch embedding, are frozen for
+  the first ``freeze_encoder_epochs`` (10) epochs, and the training log lists them. In 3D only part of
+  VMamba-Tiny fits (six scan directions, 3D convolutions and patch mergings have other shapes): the rest
+  trains from the start instead of staying frozen at its random initialisation. Freezing keeps
+  ``requires_grad`` and works under DDP (:mod:`nnunet_moe.training.freezing` says why); ``--c`` restores
+  the frozen set from the checkpoint. Without the variable these trainers stop with a message saying
+  what to do; the ``...Scratch`` variants train from random weights.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 from nnunet_moe.networks.swin_umamba import SwinUMamba, SwinUMambaD
 from nnunet_moe.networks.unwrap import unwrap_network
 from nnunet_moe.training.base import nnUNetMoETrainerBase
+from nnunet_moe.training.freezing import FreezableAdamW, summarise_names
 
 WEIGHTS_ENV = "NNUNET_MOE_VMAMBA_WEIGHTS"
 
@@ -40,6 +45,7 @@ class nnUNetTrainerSwinUMamba(nnUNetMoETrainerBase):
     warmup_fraction = 0.0  # the paper uses a plain cosine schedule
     pretrained = True
     freeze_encoder_epochs = 10
+    optimizer_class = FreezableAdamW
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -62,20 +68,41 @@ class nnUNetTrainerSwinUMamba(nnUNetMoETrainerBase):
                 f"from scratch with -tr {type(self).__name__}Scratch.")
         super().initialize()
         if self.pretrained and not self._resuming:
-            from nnunet_moe.pretrained.vmamba_weights import load_vmamba_encoder_weights
+            from nnunet_moe.pretrained.vmamba_weights import load_vmamba_encoder_weights, loaded_encoder_parameters
 
-            report = load_vmamba_encoder_weights(unwrap_network(self.network), os.environ[WEIGHTS_ENV])
+            network = unwrap_network(self.network)
+            report = load_vmamba_encoder_weights(network, os.environ[WEIGHTS_ENV])
             self.log_load_report(WEIGHTS_ENV, report)
+            if self.freeze_encoder_epochs > 0:  # a resumed run gets its frozen set from the checkpoint instead
+                self.optimizer.freeze(loaded_encoder_parameters(network, report).values())
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.pretrained:
+            self.print_to_log_file(self.frozen_parameters_summary(), also_print_to_console=True)
 
     def on_train_epoch_start(self):
-        if self.pretrained:
-            from nnunet_moe.pretrained.vmamba_weights import set_encoder_frozen
-
-            frozen = self.current_epoch < self.freeze_encoder_epochs
-            set_encoder_frozen(unwrap_network(self.network), frozen)
-            if self.current_epoch in (0, self.freeze_encoder_epochs):
-                self.print_to_log_file(f"VSS encoder {'frozen (patch embedding trains)' if frozen else 'unfrozen'}")
+        if self.optimizer.frozen and self.current_epoch >= self.freeze_encoder_epochs:
+            self.optimizer.unfreeze()
+            self.print_to_log_file(f"VSS encoder unfrozen at epoch {self.current_epoch}: every parameter trains")
         super().on_train_epoch_start()
+
+    def frozen_parameters_summary(self) -> str:
+        """What is frozen now, for the training log: counts, then the names grouped by pattern."""
+        encoder = dict(unwrap_network(self.network).encoder.named_parameters())
+        frozen_ids = {id(p) for p in self.optimizer.frozen}
+        frozen = [name for name, p in encoder.items() if id(p) in frozen_ids]
+        trained = [name for name, p in encoder.items() if id(p) not in frozen_ids]
+        if not frozen:
+            return f"VSS encoder: no parameter frozen (epoch {self.current_epoch}, freeze_encoder_epochs=" \
+                   f"{self.freeze_encoder_epochs})"
+        millions = sum(encoder[name].numel() for name in frozen) / 1e6
+        total = sum(p.numel() for p in encoder.values()) / 1e6
+        return (f"VSS encoder frozen until epoch {self.freeze_encoder_epochs}: {len(frozen)} of {len(encoder)} "
+                f"parameter tensors ({millions:.2f} M of {total:.2f} M values), the ones loaded from the checkpoint: "
+                f"[{summarise_names(frozen)}]\n"
+                f"  trained from the start: the other {len(trained)} encoder tensors (patch embedding; not in the "
+                f"checkpoint or another shape there) [{summarise_names(trained)}] and everything outside the encoder")
 
 
 class nnUNetTrainerSwinUMambaScratch(nnUNetTrainerSwinUMamba):
