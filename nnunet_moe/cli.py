@@ -20,8 +20,9 @@ def cmd_list(args) -> int:
         print(f"{'trainer':<{w0}}  {'configurations':<{w1}}  paper")
         for name, cfgs, paper in rows:
             print(f"{name:<{w0}}  {cfgs:<{w1}}  {paper}")
-    print("\nShort schedules for any trainer (ours or nnU-Net's): <Trainer>_<E>epochs[_<I>iters], "
-          "e.g. -tr nnUNetTrainer_2epochs_10iters")
+    print("\nShort schedules for any trainer (ours or nnU-Net's): <Trainer>_<E>epochs[_<I>iters][_bs<B>][_lr<X>], "
+          "e.g. -tr nnUNetTrainer_2epochs_10iters or nnUNetTrainerSwinSMTSmall_3epochs_30iters_lr1en3 "
+          "(lr1en3 = 1e-3, lr2p5en4 = 2.5e-4)")
     return 0
 
 

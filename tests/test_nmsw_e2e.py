@@ -1,6 +1,6 @@
 """End to end: NMSW-Net through the stock nnU-Net commands on the bundled hippocampus MRI.
 
-Stock ``nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainerNMSW_1epochs_5iters -device cpu`` (nnU-Net's
+Stock ``nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainerNMSW_1epochs_5iters_lr1en3 -device cpu`` (nnU-Net's
 data loading/augmentation with whole-volume samples, NMSW loss, final validation through
 ``nnUNetPredictor``), then stock ``nnUNetv2_predict`` on the 10 held-out cases and nnU-Net's
 evaluation. The NMSW predictor override prints one ``nnunet-moe NMSW:`` line per predicted
@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from conftest import assert_same_geometry, train_and_predict
+from prediction_checks import assert_predictions_not_constant
 from nnunet_moe.inference.nmsw_predictor import LOG_PREFIX
 
 pytestmark = pytest.mark.e2e
 
-TRAINER = "nnUNetTrainerNMSW_1epochs_5iters"
+TRAINER = "nnUNetTrainerNMSW_1epochs_5iters_lr1en3"  # lr 1e-3: 5 iterations move the output off one label
 
 
 def _finite_dice_values(summary: dict) -> list:
@@ -57,6 +58,7 @@ def test_nmsw_trains_validates_and_predicts_without_sliding_window(nnunet_env):
 
     # stock prediction: input geometry, labels {0, 1, 2} only, one NMSW pass per held-out case
     assert_same_geometry(res["pred_dir"], ds.images_ts, ds.test_cases)
+    assert_predictions_not_constant(res["pred_dir"], ds.test_cases)
     assert res["predict_log"].count(LOG_PREFIX) == len(ds.test_cases)
     assert res["predict_log"].count("1 mirror pass(es)") == len(ds.test_cases)
     assert "no sliding window" in res["predict_log"]

@@ -9,7 +9,8 @@ the VMamba layout (tests/test_vmamba_pretrained.py).
 The hippocampus 2d plans ask for 59 slices per batch, minutes per iteration for a VSS network on a
 CPU; ``_bs4`` (short-schedule suffix) trains with 4 instead. No Dice threshold: 2 x 4 iterations
 train a Mamba U-Net far too little to beat chance reliably (Dice beside nnU-Net under the same
-schedule is in the README, measured with longer runs).
+schedule is in the README, measured with longer runs); at learning rate 1e-3 (``_lr1en3``) they are
+enough to move the predictions off a single label, which is asserted.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from conftest import assert_same_geometry, nnunet_cmd, run, train_killed_then_resumed
+from prediction_checks import assert_predictions_not_constant
 
 pytestmark = pytest.mark.e2e
 
@@ -26,8 +28,8 @@ pytestmark = pytest.mark.e2e
 # One run per trainer and per configuration (each pair runs the same code paths; CPU inference of a
 # VSS network is slow: the 2d final validation alone takes ~5 min here, 37 slices x 4 mirrors per case).
 @pytest.mark.parametrize("trainer,configuration", [
-    ("nnUNetTrainerSwinUMambaScratch_2epochs_4iters_bs4", "2d"),
-    ("nnUNetTrainerSwinUMambaDScratch_2epochs_4iters", "3d_fullres"),
+    ("nnUNetTrainerSwinUMambaScratch_2epochs_4iters_bs4_lr1en3", "2d"),
+    ("nnUNetTrainerSwinUMambaDScratch_2epochs_4iters_lr1en3", "3d_fullres"),
 ])
 def test_swin_umamba_trains_resumes_after_kill_validates_predicts(nnunet_env, trainer, configuration):
     env, ds = nnunet_env["train_env"], nnunet_env["dataset"]
@@ -55,3 +57,4 @@ def test_swin_umamba_trains_resumes_after_kill_validates_predicts(nnunet_env, tr
          "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env=env)
     assert sorted(f for f in os.listdir(out) if f.endswith(".nii.gz")) == sorted(f"{c}.nii.gz" for c in cases)
     assert_same_geometry(out, ds.images_ts, cases)
+    assert_predictions_not_constant(out, cases)

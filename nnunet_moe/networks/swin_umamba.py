@@ -44,9 +44,19 @@ Naming: ``network.encoder`` is the VSS encoder whose keys (``patch_embed.*``, ``
 ``network.decoder.deep_supervision`` toggles the list output, as nnU-Net's
 ``set_deep_supervision_enabled`` expects. The classmethods ``input_divisor`` and
 ``deep_supervision_factors`` state the input-size rule and the output scales for a number of stages.
+
+Initialisation (``init``): ``"pytorch"`` (the default for now) keeps every module's PyTorch default;
+``"authors"`` follows the authors' code: the VSS encoder as VMamba's ``VSSM._init_weights`` (every
+``nn.Linear`` truncated normal std 0.02 with zero bias, every ``LayerNorm`` weight 1 and bias 0; the
+selective-scan parameters keep their Mamba initialisation), and for Swin-UMamba-dagger additionally
+nnU-Net's ``InitWeights_He(1e-2)`` on every convolution of the network (Kaiming normal, a = 0.01, zero
+bias), applied after the encoder initialisation as in ``get_swin_umamba_d_from_plans``. ``init=None``
+reads ``NNUNET_MOE_SWIN_UMAMBA_INIT`` (unset: ``"pytorch"``), so trainers can be compared on both without
+code changes. Pretrained weights are loaded after construction and replace the encoder either way.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -59,11 +69,42 @@ from nnunet_moe.layers.vss_block import VSSBlock
 
 __all__ = [
     "SwinUMamba", "SwinUMambaD", "VSSEncoder", "VSSStage", "PatchEmbed", "PatchExpand",
-    "check_spatial_shape", "VMAMBA_TINY_DIMS", "VMAMBA_TINY_DEPTHS",
+    "check_spatial_shape", "VMAMBA_TINY_DIMS", "VMAMBA_TINY_DEPTHS", "INIT_SCHEMES", "INIT_ENV",
 ]
 
 VMAMBA_TINY_DIMS = (96, 192, 384, 768)
 VMAMBA_TINY_DEPTHS = (2, 2, 9, 2)
+INIT_SCHEMES = ("pytorch", "authors")
+INIT_ENV = "NNUNET_MOE_SWIN_UMAMBA_INIT"
+_CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def resolve_init(init: str | None) -> str:
+    """``init``, or ``$NNUNET_MOE_SWIN_UMAMBA_INIT`` (default ``"pytorch"``) when None; checked against INIT_SCHEMES."""
+    value = (os.environ.get(INIT_ENV, "").strip() or "pytorch") if init is None else init
+    if value not in INIT_SCHEMES:
+        source = f"{INIT_ENV}={value!r}" if init is None else f"init={value!r}"
+        raise ValueError(f"{source}: the Swin-UMamba initialisation must be one of {', '.join(INIT_SCHEMES)}")
+    return value
+
+
+def vmamba_init_(module: nn.Module) -> None:
+    """VMamba's ``_init_weights`` for one module (use with ``encoder.apply``)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def he_conv_init_(module: nn.Module) -> None:
+    """nnU-Net's ``InitWeights_He(1e-2)`` for one module (use with ``network.apply``)."""
+    if isinstance(module, _CONVS):
+        nn.init.kaiming_normal_(module.weight, a=1e-2)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def check_spatial_shape(spatial_shape: Sequence[int], divisor: int, model_name: str = "network") -> None:
@@ -229,12 +270,15 @@ class SwinUMamba(nn.Module):
         stem_act: optional activation after the stem norm (MONAI name, e.g. ``"leakyrelu"``); default None,
             the paper's stem being a down-sampling convolution with instance norm only.
         scan_backend: selective-scan backend (None: ``NNUNET_MOE_SELECTIVE_SCAN`` / auto).
+        init: ``"pytorch"`` or ``"authors"`` (VMamba's encoder initialisation; module docstring); None: from
+            ``NNUNET_MOE_SWIN_UMAMBA_INIT``.
     """
 
     def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 2, stem_channels: int = 48,
                  dims: Sequence[int] = VMAMBA_TINY_DIMS, depths: Sequence[int] = VMAMBA_TINY_DEPTHS,
                  drop_path_rate: float = 0.2, d_state: int = 16, deep_supervision: bool = True,
-                 norm_name="instance", res_block: bool = True, stem_act=None, scan_backend: str | None = None) -> None:
+                 norm_name="instance", res_block: bool = True, stem_act=None, scan_backend: str | None = None,
+                 init: str | None = None) -> None:
         super().__init__()
         _validate_common(spatial_dims, dims, depths)
         self.spatial_dims = spatial_dims
@@ -249,6 +293,9 @@ class SwinUMamba(nn.Module):
                                   scan_backend=scan_backend)
         self.decoder = _UNETRDecoder(spatial_dims, in_channels, num_classes, stem_channels, dims, norm_name,
                                      res_block, deep_supervision)
+        self.init = resolve_init(init)
+        if self.init == "authors":  # the authors' SwinUMamba initialises only its VSSM encoder
+            self.encoder.apply(vmamba_init_)
         # dynamic_network_architectures-style keys for weight transfer
         self.key_to_encoder, self.key_to_stem, self.keys_to_in_proj = "encoder", "stem", ("stem.0", "decoder.skips.0")
 
@@ -311,14 +358,15 @@ class SwinUMambaD(nn.Module):
 
     Args mirror :class:`SwinUMamba`; ``decoder_depths`` (2, 2, 2) VSS blocks per decoder stage,
     ``decoder_drop_path_rate`` linear from the deepest decoder block (0.2) to the shallowest (0); deep
-    supervision returns logits at 1, 1/4, 1/8, 1/16.
+    supervision returns logits at 1, 1/4, 1/8, 1/16. ``init="authors"`` adds nnU-Net's He initialisation of
+    every convolution to the encoder's VMamba initialisation (module docstring).
     """
 
     def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 2,
                  dims: Sequence[int] = VMAMBA_TINY_DIMS, depths: Sequence[int] = VMAMBA_TINY_DEPTHS,
                  decoder_depths: Sequence[int] = (2, 2, 2), drop_path_rate: float = 0.2,
                  decoder_drop_path_rate: float = 0.2, d_state: int = 16, deep_supervision: bool = True,
-                 scan_backend: str | None = None) -> None:
+                 scan_backend: str | None = None, init: str | None = None) -> None:
         super().__init__()
         _validate_common(spatial_dims, dims, depths)
         self.spatial_dims = spatial_dims
@@ -327,6 +375,10 @@ class SwinUMambaD(nn.Module):
                                   scan_backend=scan_backend)
         self.decoder = _VSSDecoder(spatial_dims, num_classes, dims, decoder_depths, decoder_drop_path_rate,
                                    deep_supervision, d_state=d_state, scan_backend=scan_backend)
+        self.init = resolve_init(init)
+        if self.init == "authors":  # as get_swin_umamba_d_from_plans: VSSM encoder init, then He on all convs
+            self.encoder.apply(vmamba_init_)
+            self.apply(he_conv_init_)
         self.key_to_encoder, self.key_to_stem = "encoder", "encoder.patch_embed"
         self.keys_to_in_proj = ("encoder.patch_embed.proj",)
 
