@@ -1,6 +1,6 @@
 """Re-exports every nnunet-moe trainer for nnU-Net's trainer search (``nnUNet_extTrainer``).
 
-Short schedules (``<Trainer>_<E>epochs[_<I>iters]``) are created on demand by
+Short schedules (``<Trainer>_<E>epochs[_<I>iters][_bs<B>][_lr<X>]``) are created on demand by
 ``nnunet_moe.training.short_schedule``; an unknown ``nnUNetTrainer*`` name prints our
 trainer names so the user sees what exists.
 """
@@ -24,6 +24,6 @@ def __getattr__(name):
         sys.stderr.write(
             f"nnunet-moe: no trainer named {name!r}. nnunet-moe trainers: "
             f"{', '.join(_catalog.trainer_names()) or '(none)'}; short schedules: "
-            f"<Trainer>_<E>epochs[_<I>iters], e.g. nnUNetTrainer_2epochs_10iters. See `nnunet-moe list`.\n"
+            f"<Trainer>_<E>epochs[_<I>iters][_bs<B>][_lr<X>], e.g. nnUNetTrainer_2epochs_10iters. See `nnunet-moe list`.\n"
         )
     raise AttributeError(name)

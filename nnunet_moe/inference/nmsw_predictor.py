@@ -89,7 +89,7 @@ def register_nmsw_trainer(name: str) -> None:
 
 def is_nmsw_trainer_name(name: str) -> bool:
     """True for a registered NMSW trainer name, also with a short-schedule suffix
-    ``_<E>epochs[_<I>iters][_bs<B>]`` (the grammar of :func:`~nnunet_moe.trainer_names.parse_short_name`)."""
+    ``_<E>epochs[_<I>iters][_bs<B>][_lr<X>]`` (the grammar of :func:`~nnunet_moe.trainer_names.parse_short_name`)."""
     from nnunet_moe.trainer_names import parse_short_name
 
     if name in _NMSW_TRAINER_NAMES:

@@ -15,6 +15,10 @@ else (data, augmentation, loss, checkpoints, validation, prediction) is nnU-Net'
   parameters are frozen for a while) with ``initial_lr``, ``weight_decay``, ``adam_eps``, linear warm-up over
   ``warmup_fraction`` of the epochs and cosine decay, stepped per epoch. nnU-Net's gradient
   clipping (norm 12) is kept.
+- ``weights_env`` / ``pretrained``: a pretrained trainer reads its checkpoint path from this
+  environment variable; ``pretrained_weights_path()`` returns it (None when resuming: the weights
+  come from nnU-Net's checkpoint) or stops with one message naming the variable, what the file is
+  (``weights_description``, ``weights_hint``) and the ``...Scratch`` alternative (``scratch_phrase``).
 - ``log_load_report``: the one log entry for pretrained weights, whichever loader read them.
 
 Deep supervision follows nnU-Net's convention: the network's ``decoder.deep_supervision``
@@ -25,6 +29,7 @@ same arguments as its static method), so variants can change class attributes on
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -44,6 +49,11 @@ class nnUNetMoETrainerBase(nnUNetTrainer):
     adam_eps: float = 1e-8
     warmup_fraction: float = 0.1
     optimizer_class: type = torch.optim.AdamW
+    pretrained: bool = False
+    weights_env: str | None = None
+    weights_description: str = ""  # "the ImageNet-pretrained VMamba-Tiny encoder"
+    weights_hint: str = ""  # what to put after "<weights_env>="
+    scratch_phrase: str = "from scratch"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -53,6 +63,8 @@ class nnUNetMoETrainerBase(nnUNetTrainer):
                 f"not {configuration!r}. Run e.g. nnUNetv2_train DATASET {self.supported_configurations[0]} FOLD "
                 f"-tr {type(self).__name__}.")
         plans, patch_note = self.prepare_plans(plans, configuration)
+        # nnU-Net pops this flag; keep it: a resumed run takes its weights from the checkpoint.
+        self._resuming = bool(plans.get("continue_training", False))
         super().__init__(plans, configuration, fold, dataset_json, device)
         # nnU-Net's __init__ gives the instance its own values of these, which would hide our class attributes.
         del self.initial_lr, self.weight_decay, self.enable_deep_supervision
@@ -79,6 +91,17 @@ class nnUNetMoETrainerBase(nnUNetTrainer):
             return super()._get_deep_supervision_scales()
         ndim = len(self.configuration_manager.patch_size)
         return [[1.0 / f] * ndim for f in self.network_class.deep_supervision_factors()]
+
+    def pretrained_weights_path(self) -> str | None:
+        """The checkpoint to load into a new network: ``$weights_env``; None if not pretrained or resuming."""
+        if not self.pretrained or self._resuming:
+            return None
+        path = os.environ.get(self.weights_env or "")
+        if not path:
+            name = type(self).__name__
+            raise RuntimeError(f"{name} starts from {self.weights_description}. Set {self.weights_env}="
+                               f"{self.weights_hint}, or train {self.scratch_phrase} with -tr {name}Scratch.")
+        return path
 
     def log_load_report(self, env: str, report) -> None:
         """The log entry of a pretrained-weight load (a :class:`~nnunet_moe.pretrained.load_report.LoadReport`)

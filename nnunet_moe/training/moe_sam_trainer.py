@@ -28,7 +28,6 @@ final validation).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -51,6 +50,10 @@ class nnUNetTrainerMoESAM(nnUNetMoETrainerBase):
     encoder = "vit_b"
     routing = "layers"
     pretrained = True
+    weights_env = WEIGHTS_ENV
+    weights_description = "the official SAM ViT-B checkpoint"
+    weights_hint = "/path/to/sam_vit_b_01ec64.pth (nothing is downloaded)"
+    scratch_phrase = "from random SAM weights"
     test_time_mirroring = True
     ce_weight, dice_weight = 0.2, 0.8
 
@@ -61,8 +64,6 @@ class nnUNetTrainerMoESAM(nnUNetMoETrainerBase):
                 f"{type(self).__name__} is a 2D model (SAM's image encoder segments 2D images): configuration "
                 f"{configuration!r} is not supported; run nnUNetv2_train DATASET 2d FOLD -tr {type(self).__name__}.")
         check_image_size(self.image_size)
-        # nnU-Net pops this flag; keep it: a resumed run takes its weights from the checkpoint.
-        self._resuming = bool(plans.get("continue_training", False))
         super().__init__(plans, configuration, fold, dataset_json, device)
 
     @classmethod
@@ -72,18 +73,14 @@ class nnUNetTrainerMoESAM(nnUNetMoETrainerBase):
                       encoder=cls.encoder, deep_supervision=enable_deep_supervision, freeze_encoder=cls.pretrained)
 
     def initialize(self):
-        if self.pretrained and not self._resuming and not os.environ.get(WEIGHTS_ENV):
-            raise RuntimeError(
-                f"{type(self).__name__} starts from the official SAM ViT-B checkpoint. Set "
-                f"{WEIGHTS_ENV}=/path/to/sam_vit_b_01ec64.pth (nothing is downloaded), or train from random SAM "
-                f"weights with -tr {type(self).__name__}Scratch.")
+        path = self.pretrained_weights_path()
         super().initialize()
         network = unwrap_network(self.network)
         self.print_to_log_file(format_parameter_report(network), also_print_to_console=True)
-        if self.pretrained and not self._resuming:
+        if path is not None:
             from nnunet_moe.pretrained.sam_weights import load_sam_weights
 
-            self.log_load_report(WEIGHTS_ENV, load_sam_weights(network, os.environ[WEIGHTS_ENV]))
+            self.log_load_report(WEIGHTS_ENV, load_sam_weights(network, path))
 
     def _build_loss(self):
         loss = super()._build_loss()  # nnU-Net's DC_and_CE_loss (no deep-supervision wrapper: one output)

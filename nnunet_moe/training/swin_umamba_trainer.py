@@ -23,7 +23,6 @@ What changes against nnU-Net's default trainer:
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -44,14 +43,11 @@ class nnUNetTrainerSwinUMamba(nnUNetMoETrainerBase):
     adam_eps = 1e-5
     warmup_fraction = 0.0  # the paper uses a plain cosine schedule
     pretrained = True
+    weights_env = WEIGHTS_ENV
+    weights_description = "the ImageNet-pretrained VMamba-Tiny encoder"
+    weights_hint = "/path/to/vssmtiny checkpoint (the VMamba-Tiny release, dict key 'model')"
     freeze_encoder_epochs = 10
     optimizer_class = FreezableAdamW
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        # nnU-Net pops this flag; keep it: a resumed run takes its weights from the checkpoint.
-        self._resuming = bool(plans.get("continue_training", False))
-        super().__init__(plans, configuration, fold, dataset_json, device)
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
@@ -61,17 +57,13 @@ class nnUNetTrainerSwinUMamba(nnUNetMoETrainerBase):
                                  deep_supervision=enable_deep_supervision)
 
     def initialize(self):
-        if self.pretrained and not self._resuming and not os.environ.get(WEIGHTS_ENV):
-            raise RuntimeError(
-                f"{type(self).__name__} starts from the ImageNet-pretrained VMamba-Tiny encoder. Set "
-                f"{WEIGHTS_ENV}=/path/to/vssmtiny checkpoint (the VMamba-Tiny release, dict key 'model'), or train "
-                f"from scratch with -tr {type(self).__name__}Scratch.")
+        path = self.pretrained_weights_path()
         super().initialize()
-        if self.pretrained and not self._resuming:
+        if path is not None:
             from nnunet_moe.pretrained.vmamba_weights import load_vmamba_encoder_weights, loaded_encoder_parameters
 
             network = unwrap_network(self.network)
-            report = load_vmamba_encoder_weights(network, os.environ[WEIGHTS_ENV])
+            report = load_vmamba_encoder_weights(network, path)
             self.log_load_report(WEIGHTS_ENV, report)
             if self.freeze_encoder_epochs > 0:  # a resumed run gets its frozen set from the checkpoint instead
                 self.optimizer.freeze(loaded_encoder_parameters(network, report).values())
