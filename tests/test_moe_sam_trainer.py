@@ -39,13 +39,6 @@ def test_more_input_channels_than_the_bridge_refused(tmp_path, monkeypatch):
         tr.build_network_architecture(tr.plans_manager, tr.configuration_manager, 4, 3, False)
 
 
-def test_without_weights_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
-    tr = make_trainer(nnUNetTrainerMoESAM, "2d", tmp_path, monkeypatch)
-    with pytest.raises(RuntimeError, match=f"Set {WEIGHTS_ENV}=/path/to/sam_vit_b_01ec64.pth.*MoESAMScratch"):
-        tr.initialize()
-
-
 def test_small_trainer_step_loss_optimiser_and_gradients(tmp_path, monkeypatch):
     tr = make_trainer(nnUNetTrainerMoESAMSmall, "2d", tmp_path, monkeypatch)
     assert list(tr.configuration_manager.patch_size) == [56, 40]  # the plans' patch, resized inside the network

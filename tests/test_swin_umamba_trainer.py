@@ -43,13 +43,6 @@ def test_optimiser_is_the_papers(tmp_path, monkeypatch):
     assert group["lr"] == pytest.approx(0.5e-4)
 
 
-def test_pretrained_trainer_without_weights_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
-    tr = make_trainer(nnUNetTrainerSwinUMamba, "2d", tmp_path, monkeypatch)
-    with pytest.raises(RuntimeError, match=f"Set {WEIGHTS_ENV}=.*nnUNetTrainerSwinUMambaScratch"):
-        tr.initialize()
-
-
 def test_pretrained_encoder_loaded_and_its_report_logged(tmp_path, monkeypatch):
     tr = make_trainer(nnUNetTrainerSwinUMamba, "2d", tmp_path, monkeypatch)
     source = network_for(tr)

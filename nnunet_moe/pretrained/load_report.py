@@ -48,3 +48,31 @@ class LoadReport:
             if keys:
                 lines.append(f"  {label}: {len(keys)}{names(keys, reasons)}")
         return "\n".join(lines)
+
+
+def sort_checkpoint(state: dict, target: dict, report: LoadReport, drop=None, adapt=None) -> dict:
+    """Sort checkpoint tensors into ``report``'s categories; return the ``{key: tensor}`` to load.
+
+    Per checkpoint key, in order: ``drop(key)`` true -> ``dropped``; not in ``target`` (the network's state
+    dict) -> ``unexpected``; same shape -> loaded as is; else ``adapt(key, value, target_tensor)``, the loader's
+    own rules, returns ``(tensor, how)`` -> ``adapted``, ``(None, why)`` -> ``skipped`` for that reason, or
+    ``None`` -> ``skipped`` as a shape mismatch. The caller loads the result and fills ``loaded``/``missing``."""
+    new = {}
+    for key, value in state.items():
+        if drop is not None and drop(key):
+            report.dropped.append(key)
+            continue
+        if key not in target:
+            report.unexpected.append(key)
+            continue
+        wanted = target[key]
+        if value.shape == wanted.shape:
+            new[key] = value
+            continue
+        result = adapt(key, value, wanted) if adapt is not None else None
+        if result is not None and result[0] is not None:
+            new[key], report.adapted[key] = result
+        else:
+            report.skipped[key] = result[1] if result is not None else (
+                f"shape {tuple(value.shape)} in the checkpoint, {tuple(wanted.shape)} here")
+    return new

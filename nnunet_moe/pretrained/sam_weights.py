@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_moe.pretrained.checkpoint_io import read_state_dict
-from nnunet_moe.pretrained.load_report import LoadReport
+from nnunet_moe.pretrained.load_report import LoadReport, sort_checkpoint
 
 __all__ = ["load_sam_weights", "sam_encoder_size", "SAM_SIZES"]
 
@@ -81,37 +81,29 @@ def load_sam_weights(model: torch.nn.Module, checkpoint_path: str | os.PathLike)
     target = model.state_dict()
     report = LoadReport(checkpoint=path, layout="SAM ViT-B")
     num_tokens = model.mask_decoder.num_mask_tokens
-    new = {}
-    for key, value in state.items():
-        if not key.startswith(_PREFIXES):
-            report.unexpected.append(key)
-            continue
+    report.unexpected = [k for k in state if not k.startswith(_PREFIXES)]
+
+    def drop(key):  # mask tokens of classes beyond this network's
         m = _MASK_TOKEN_PARTS.match(key)
-        if key not in target:
-            if m is not None and int(m.group(1)) >= num_tokens:
-                report.dropped.append(key)
-            else:
-                report.unexpected.append(key)
-            continue
-        want = target[key].shape
-        if value.shape == want:
-            new[key] = value
-            continue
+        return key not in target and m is not None and int(m.group(1)) >= num_tokens
+
+    def adapt(key, value, wanted):
+        want = wanted.shape
         if key == "image_encoder.pos_embed":
-            new[key] = _resize_pos_embed(value, tuple(want[1:3]))
-            report.adapted[key] = f"position grid {tuple(value.shape[1:3])} -> {tuple(want[1:3])} (bicubic)"
-        elif key.endswith((".attn.rel_pos_h", ".attn.rel_pos_w")) and value.shape[1:] == want[1:]:
-            new[key] = _resize_rel_pos(value, want[0])
-            report.adapted[key] = f"relative positions {value.shape[0]} -> {want[0]} (linear)"
-        elif key == "mask_decoder.mask_tokens.weight" and value.shape[1:] == want[1:]:
+            return (_resize_pos_embed(value, tuple(want[1:3])),
+                    f"position grid {tuple(value.shape[1:3])} -> {tuple(want[1:3])} (bicubic)")
+        if key.endswith((".attn.rel_pos_h", ".attn.rel_pos_w")) and value.shape[1:] == want[1:]:
+            return _resize_rel_pos(value, want[0]), f"relative positions {value.shape[0]} -> {want[0]} (linear)"
+        if key == "mask_decoder.mask_tokens.weight" and value.shape[1:] == want[1:]:
             rows = min(value.shape[0], want[0])
-            new[key] = target[key].clone()
-            new[key][:rows] = value[:rows]
-            report.adapted[key] = f"mask tokens 0..{rows - 1} of the checkpoint's {value.shape[0]} for {want[0]} classes"
-        elif key.startswith("mask_decoder.iou_prediction_head."):
-            report.skipped[key] = f"IoU head output for {value.shape[0]} tokens, {want[0]} here (frozen, unused)"
-        else:
-            report.skipped[key] = f"shape {tuple(value.shape)} in the checkpoint, {tuple(want)} here"
+            tokens = wanted.clone()
+            tokens[:rows] = value[:rows]
+            return tokens, f"mask tokens 0..{rows - 1} of the checkpoint's {value.shape[0]} for {want[0]} classes"
+        if key.startswith("mask_decoder.iou_prediction_head."):
+            return None, f"IoU head output for {value.shape[0]} tokens, {want[0]} here (frozen, unused)"
+        return None
+
+    new = sort_checkpoint({k: v for k, v in state.items() if k.startswith(_PREFIXES)}, target, report, drop, adapt)
     model.load_state_dict(new, strict=False)
     report.loaded = list(new)
     report.missing = [k for k in target if k not in new and k not in report.skipped]

@@ -34,7 +34,7 @@ from torch import nn
 
 from nnunet_moe.networks.swin_umamba import VSSEncoder
 from nnunet_moe.pretrained.checkpoint_io import read_state_dict
-from nnunet_moe.pretrained.load_report import LoadReport
+from nnunet_moe.pretrained.load_report import LoadReport, sort_checkpoint
 
 __all__ = ["load_vmamba_encoder_weights", "loaded_encoder_parameters", "read_vmamba_state_dict", "DROPPED_PREFIXES"]
 
@@ -81,25 +81,18 @@ def load_vmamba_encoder_weights(encoder_or_network: nn.Module, checkpoint_path,
     checkpoint = read_vmamba_state_dict(checkpoint_path, trust_checkpoint=trust_checkpoint)
     target = encoder.state_dict()
     report = LoadReport(checkpoint=str(checkpoint_path), layout="VMamba encoder")
-    new_state = {}
-    for key, value in checkpoint.items():
-        if key.startswith(DROPPED_PREFIXES):
-            report.dropped.append(key)
-            continue
-        if key not in target:
-            report.unexpected.append(key)
-            continue
-        wanted = target[key].shape
-        if value.shape == wanted:
-            new_state[key] = value
-            continue
-        if key == "patch_embed.proj.weight" and value.dim() == len(wanted) and value.shape[0] == wanted[0] \
-                and value.shape[2:] == wanted[2:]:
-            new_state[key] = adapt_input_conv(wanted[1], value.float()).to(value.dtype)
-            report.adapted[key] = (f"input channels {value.shape[1]} -> {wanted[1]} "
-                                   f"({'sum over RGB' if wanted[1] == 1 else 'repeat RGB, scale 3/C'})")
-            continue
-        report.skipped[key] = f"shape {tuple(value.shape)} in checkpoint, {tuple(wanted)} in encoder"
+
+    def adapt(key, value, wanted):
+        want = wanted.shape
+        if key == "patch_embed.proj.weight" and value.dim() == len(want) and value.shape[0] == want[0] \
+                and value.shape[2:] == want[2:]:
+            return (adapt_input_conv(want[1], value.float()).to(value.dtype),
+                    f"input channels {value.shape[1]} -> {want[1]} "
+                    f"({'sum over RGB' if want[1] == 1 else 'repeat RGB, scale 3/C'})")
+        return None, f"shape {tuple(value.shape)} in checkpoint, {tuple(want)} in encoder"
+
+    new_state = sort_checkpoint(checkpoint, target, report, drop=lambda key: key.startswith(DROPPED_PREFIXES),
+                                adapt=adapt)
     if "patch_embed.proj.weight" in report.skipped and "patch_embed.proj.bias" in new_state:
         # the bias belongs to the kernel that was not loaded
         del new_state["patch_embed.proj.bias"]
