@@ -54,7 +54,7 @@ def cmd_demo(args) -> int:
 
     run_demo(work_dir=args.work_dir, dataset_id=args.dataset_id, dataset_name=args.dataset_name,
              trainer=args.trainer, configuration=args.configuration, fold=args.fold, device=args.device,
-             num_test=args.num_test)
+             num_test=args.num_test, tta=args.tta)
     return 0
 
 
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-f", "--fold", type=int, default=0, help="(default: %(default)s)")
     demo.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda", "mps"])
     demo.add_argument("--num-test", type=int, default=10, help="held-out cases (default: %(default)s)")
+    demo.add_argument("--tta", action="store_true",
+                      help="predict the held-out cases with nnU-Net's test-time mirroring (8 passes per patch in 3D: "
+                           "about 8x the prediction time on a CPU; off by default, nnUNetv2_predict --disable_tta)")
     demo.set_defaults(func=cmd_demo)
     from nnunet_moe.benchmark.command import add_benchmark_parser
 

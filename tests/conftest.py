@@ -60,7 +60,7 @@ def train_and_predict(nnunet_env: dict, trainer: str, configuration: str = "3d_f
 
     Returns the paths and nnU-Net's evaluation summary (per-class and mean Dice).
     """
-    from nnunet_moe.demo import evaluate_folder
+    from nnunet_moe.stock_pipeline import evaluate_folder
 
     env, ds = nnunet_env["train_env"], nnunet_env["dataset"]
     train = run([nnunet_cmd("nnUNetv2_train"), "501", configuration, str(fold), "-tr", trainer, "-device", "cpu",

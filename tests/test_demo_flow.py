@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from nnunet_moe import demo
+from nnunet_moe import demo, stock_pipeline
 
 
 @pytest.fixture
@@ -36,8 +36,8 @@ def fake_nnunet(monkeypatch):
         elif name == "nnUNetv2_predict":
             os.makedirs(cmd[cmd.index("-o") + 1])
 
-    monkeypatch.setattr(demo, "run_streamed", run_streamed)
-    monkeypatch.setattr(demo, "nnunet_command", lambda name: f"/bin/{name}")
+    monkeypatch.setattr(stock_pipeline, "run_streamed", run_streamed)
+    monkeypatch.setattr(stock_pipeline, "nnunet_command", lambda name: f"/bin/{name}")
     monkeypatch.setattr(demo, "evaluate_folder", lambda *a: {"mean": {"1": {"Dice": 0.5}, "2": {"Dice": 0.7}},
                                                              "foreground_mean": {"Dice": 0.6}})
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA"):
@@ -75,3 +75,11 @@ def test_interrupted_training_is_continued(fake_nnunet, tmp_path, monkeypatch):
     demo.run_demo(work_dir=str(tmp_path / "w"), log=lambda *a: None)
     train = [c for c in fake_nnunet if os.path.basename(c[0]) == "nnUNetv2_train"][0]
     assert train[-1] == "--c"
+
+
+def test_held_out_prediction_without_mirroring_unless_asked(fake_nnunet, tmp_path):
+    demo.run_demo(work_dir=str(tmp_path / "w"), log=lambda *a: None)
+    demo.run_demo(work_dir=str(tmp_path / "w"), tta=True, log=lambda *a: None)
+    predicts = [c for c in fake_nnunet if os.path.basename(c[0]) == "nnUNetv2_predict"]
+    assert [("--disable_tta" in c) for c in predicts] == [True, False]
+    assert demo.DEFAULT_TRAINER.startswith("nnUNetTrainerSwinSMTSmall_")  # the demo shows one of ours

@@ -1,0 +1,93 @@
+"""nnU-Net's stock commands as steps that reuse what exists: plan once, train or continue, evaluate.
+
+One implementation for everything that drives the real pipeline end to end (``nnunet-moe demo`` and
+the convergence benchmark): each step runs the stock console command as a subprocess with its output
+streamed, and never redoes or overwrites finished work — existing plans are reused, a finished
+training is reused, an interrupted one is continued with ``--c``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from nnunet_moe.nnunet_paths import nnunet_command, planning_env
+
+
+def run_streamed(cmd: list, env: dict | None = None, log=print) -> int:
+    """Run a command, echoing its output live; a failure raises with the command line.
+
+    Returns the peak resident memory in bytes of the largest process of the command's process tree
+    (Linux ``wait4``: the command itself or any child it waited for)."""
+    log("$ " + " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Command failed with exit code {proc.returncode}: {' '.join(cmd)}")
+    return int(usage.ru_maxrss) * 1024  # KiB on Linux
+
+
+def training_env(device: str, **overrides) -> dict:
+    env = dict(os.environ)
+    if device == "cpu":
+        env.setdefault("nnUNet_compile", "f")  # torch.compile costs minutes on CPU and gains nothing here
+    env.update(overrides)
+    return env
+
+
+def ensure_plans(dataset_id: int, dataset_name: str, configuration: str, log=print) -> str:
+    """Stock ``nnUNetv2_plan_and_preprocess`` for one configuration unless already done; the plans file."""
+    pre = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name)
+    plans_file = os.path.join(pre, "nnUNetPlans.json")
+    data = os.path.join(pre, f"nnUNetPlans_{configuration}")
+    if os.path.isfile(plans_file) and os.path.isdir(data):
+        log(f"Reusing the existing plans and preprocessed {configuration} data in {pre}")
+    else:
+        run_streamed([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration,
+                      "-np", "2", "--verify_dataset_integrity"], env=planning_env(), log=log)
+    return plans_file
+
+
+def trained_folder(dataset_name: str, trainer: str, configuration: str, fold: int) -> str:
+    """``$nnUNet_results/<dataset>/<trainer>__nnUNetPlans__<configuration>/fold_<fold>``."""
+    return os.path.join(os.environ["nnUNet_results"], dataset_name, f"{trainer}__nnUNetPlans__{configuration}",
+                        f"fold_{fold}")
+
+
+def train_or_reuse(dataset_id: int, dataset_name: str, trainer: str, configuration: str, fold: int, device: str,
+                   env: dict | None = None, log=print) -> dict:
+    """Stock ``nnUNetv2_train``: reuse a finished run, continue an interrupted one with ``--c``.
+
+    Returns ``{"output_folder", "ran" (False when reused), "peak_rss_bytes" (None when reused)}``."""
+    output_folder = trained_folder(dataset_name, trainer, configuration, fold)
+    if os.path.isfile(os.path.join(output_folder, "checkpoint_final.pth")):
+        log(f"Reusing the finished training in {output_folder}")
+        return {"output_folder": output_folder, "ran": False, "peak_rss_bytes": None}
+    cmd = [nnunet_command("nnUNetv2_train"), str(dataset_id), configuration, str(fold), "-tr", trainer,
+           "-device", device]
+    if os.path.isfile(os.path.join(output_folder, "checkpoint_latest.pth")):
+        log(f"Continuing the interrupted training in {output_folder} (--c)")
+        cmd.append("--c")
+    peak = run_streamed(cmd, env=env if env is not None else training_env(device), log=log)
+    return {"output_folder": output_folder, "ran": True, "peak_rss_bytes": peak}
+
+
+def predict_folder(images: str, out: str, dataset_id: int, trainer: str, configuration: str, fold: int, device: str,
+                   tta: bool = True, env: dict | None = None, log=print) -> None:
+    """Stock ``nnUNetv2_predict`` of a folder of raw images with one fold's final checkpoint (``tta=False``:
+    ``--disable_tta``, no test-time mirroring)."""
+    run_streamed([nnunet_command("nnUNetv2_predict"), "-i", images, "-o", out, "-d", str(dataset_id),
+                  "-c", configuration, "-f", str(fold), "-tr", trainer, "-device", device, "-npp", "1", "-nps", "1"]
+                 + ([] if tta else ["--disable_tta"]), env=env if env is not None else training_env(device), log=log)
+
+
+def evaluate_folder(labels_folder: str, pred_folder: str, plans_file: str, dataset_json_file: str) -> dict:
+    """nnU-Net's stock evaluation (writes ``summary.json`` into ``pred_folder``)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
+
+    summary_file = os.path.join(pred_folder, "summary.json")
+    compute_metrics_on_folder2(labels_folder, pred_folder, dataset_json_file, plans_file, summary_file,
+                               num_processes=1)
+    with open(summary_file) as f:
+        return json.load(f)
