@@ -93,6 +93,14 @@ class StackedExpertMLPs(nn.Module):
         nn.init.uniform_(self.fc2_weight, -bound2, bound2)
         nn.init.uniform_(self.fc2_bias, -bound2, bound2)
 
+    @torch.no_grad()
+    def trunc_normal_init_(self, std: float = 0.02) -> None:
+        """Swin's / timm's ``_init_weights`` as for ``nn.Linear`` experts: weights truncated normal, biases 0."""
+        nn.init.trunc_normal_(self.fc1_weight, std=std)
+        nn.init.trunc_normal_(self.fc2_weight, std=std)
+        nn.init.zeros_(self.fc1_bias)
+        nn.init.zeros_(self.fc2_bias)
+
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
         b, e, s, d = slots.shape
         x = slots.transpose(0, 1).reshape(e, b * s, d)
