@@ -1,4 +1,4 @@
-"""The ``nnunet-moe`` command: ``list``, ``env``, ``demo``, ``benchmark``."""
+"""The ``nnunet-moe`` command: ``list``, ``env``, ``demo``, ``benchmark``, ``merge-datasets``."""
 from __future__ import annotations
 
 import argparse
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nnunet_moe.benchmark.command import add_benchmark_parser
 
     add_benchmark_parser(sub)
+    from nnunet_moe.datasets.command import add_merge_parser
+
+    add_merge_parser(sub)
     return parser
 
 
