@@ -71,14 +71,14 @@ def test_dagger_authors_init_is_he_on_every_convolution(spatial_dims):
     assert any(c.bias is not None and c.bias.any() for c in default_convs)  # PyTorch's biases are not zero
 
 
-def test_default_is_the_authors_and_the_environment_selects(monkeypatch):
+def test_default_is_pytorch_and_the_environment_selects(monkeypatch):
     monkeypatch.delenv(INIT_ENV, raising=False)
+    assert build(SwinUMambaD, None).init == "pytorch"
+    monkeypatch.setenv(INIT_ENV, "authors")
     net = build(SwinUMambaD, None)
     assert net.init == "authors"
     assert_vmamba_encoder_init(net.encoder)
-    monkeypatch.setenv(INIT_ENV, "pytorch")
-    assert build(SwinUMambaD, None).init == "pytorch"
-    assert build(SwinUMambaD, "authors").init == "authors"  # an explicit argument wins
+    assert build(SwinUMambaD, "pytorch").init == "pytorch"  # an explicit argument wins
     monkeypatch.setenv(INIT_ENV, "xavier")
     with pytest.raises(ValueError, match=f"{INIT_ENV}='xavier'.*pytorch, authors"):
         build(SwinUMamba, None)
@@ -102,10 +102,10 @@ def test_pretrained_weights_replace_the_authors_init(cls, tmp_path):
 
 
 def test_trainers_build_with_the_default_init(tmp_path, monkeypatch):
-    """No trainer passes ``init``: the pretrained and scratch trainers build with the default, the authors' init."""
+    """No trainer passes ``init``: the pretrained and scratch trainers keep PyTorch's init until a default is chosen."""
     from nnunet_moe.training.swin_umamba_trainer import nnUNetTrainerSwinUMamba, nnUNetTrainerSwinUMambaDScratch
     from trainer_fixtures import make_trainer, network_for
 
     monkeypatch.delenv(INIT_ENV, raising=False)
     for cls in (nnUNetTrainerSwinUMamba, nnUNetTrainerSwinUMambaDScratch):
-        assert network_for(make_trainer(cls, "2d", tmp_path, monkeypatch)).init == "authors"
+        assert network_for(make_trainer(cls, "2d", tmp_path, monkeypatch)).init == "pytorch"

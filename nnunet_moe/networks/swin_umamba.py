@@ -45,15 +45,14 @@ Naming: ``network.encoder`` is the VSS encoder whose keys (``patch_embed.*``, ``
 ``set_deep_supervision_enabled`` expects. The classmethods ``input_divisor`` and
 ``deep_supervision_factors`` state the input-size rule and the output scales for a number of stages.
 
-Initialisation (``init``): ``"authors"`` (the default) follows the authors' code: the VSS encoder as VMamba's ``VSSM._init_weights`` (every
+Initialisation (``init``): ``"pytorch"`` (the default for now) keeps every module's PyTorch default;
+``"authors"`` follows the authors' code: the VSS encoder as VMamba's ``VSSM._init_weights`` (every
 ``nn.Linear`` truncated normal std 0.02 with zero bias, every ``LayerNorm`` weight 1 and bias 0; the
 selective-scan parameters keep their Mamba initialisation), and for Swin-UMamba-dagger additionally
 nnU-Net's ``InitWeights_He(1e-2)`` on every convolution of the network (Kaiming normal, a = 0.01, zero
-bias), applied after the encoder initialisation as in ``get_swin_umamba_d_from_plans``; ``"pytorch"`` keeps every
-module's PyTorch default. Measured (hippocampus 2d, 3 epochs x 30 iterations of 8 slices, lr 1e-4, one unseeded
-run each): Swin-UMamba-dagger fold-0 Dice 0.328 with the authors' initialisation, 0.142 with PyTorch's.
-``init=None`` reads ``NNUNET_MOE_SWIN_UMAMBA_INIT`` (unset: ``"authors"``), so trainers can be compared on
-both without code changes. Pretrained weights are loaded after construction and replace the encoder either way.
+bias), applied after the encoder initialisation as in ``get_swin_umamba_d_from_plans``. ``init=None``
+reads ``NNUNET_MOE_SWIN_UMAMBA_INIT`` (unset: ``"pytorch"``), so trainers can be compared on both without
+code changes. Pretrained weights are loaded after construction and replace the encoder either way.
 """
 from __future__ import annotations
 
@@ -77,13 +76,12 @@ VMAMBA_TINY_DIMS = (96, 192, 384, 768)
 VMAMBA_TINY_DEPTHS = (2, 2, 9, 2)
 INIT_SCHEMES = ("pytorch", "authors")
 INIT_ENV = "NNUNET_MOE_SWIN_UMAMBA_INIT"
-DEFAULT_INIT = "authors"  # measured better than PyTorch's defaults (module docstring)
 _CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def resolve_init(init: str | None) -> str:
-    """``init``, or ``$NNUNET_MOE_SWIN_UMAMBA_INIT`` (default ``"authors"``) when None; checked against INIT_SCHEMES."""
-    value = (os.environ.get(INIT_ENV, "").strip() or DEFAULT_INIT) if init is None else init
+    """``init``, or ``$NNUNET_MOE_SWIN_UMAMBA_INIT`` (default ``"pytorch"``) when None; checked against INIT_SCHEMES."""
+    value = (os.environ.get(INIT_ENV, "").strip() or "pytorch") if init is None else init
     if value not in INIT_SCHEMES:
         source = f"{INIT_ENV}={value!r}" if init is None else f"init={value!r}"
         raise ValueError(f"{source}: the Swin-UMamba initialisation must be one of {', '.join(INIT_SCHEMES)}")
@@ -272,8 +270,8 @@ class SwinUMamba(nn.Module):
         stem_act: optional activation after the stem norm (MONAI name, e.g. ``"leakyrelu"``); default None,
             the paper's stem being a down-sampling convolution with instance norm only.
         scan_backend: selective-scan backend (None: ``NNUNET_MOE_SELECTIVE_SCAN`` / auto).
-        init: ``"authors"`` (VMamba's encoder initialisation; module docstring) or ``"pytorch"``; None: from
-            ``NNUNET_MOE_SWIN_UMAMBA_INIT`` (unset: ``"authors"``).
+        init: ``"pytorch"`` or ``"authors"`` (VMamba's encoder initialisation; module docstring); None: from
+            ``NNUNET_MOE_SWIN_UMAMBA_INIT``.
     """
 
     def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 2, stem_channels: int = 48,
