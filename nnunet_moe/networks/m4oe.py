@@ -76,6 +76,7 @@ from monai.networks.nets.swin_unetr import PatchMergingV2, SwinTransformerBlock,
 from torch import nn
 
 from nnunet_moe.layers.m4oe import GATES, M4oE
+from nnunet_moe.networks.deep_supervision import DeepSupervisionSwitch
 from nnunet_moe.networks.swin_umamba import PatchExpand, check_spatial_shape, vmamba_init_
 
 __all__ = ["M4oESwinUnet", "SwinStage", "SwinUnetEncoder", "SwinUnetDecoder", "INIT_SCHEMES"]
@@ -158,12 +159,14 @@ class SwinUnetEncoder(nn.Module):
         return self.norm(x), skips
 
 
-class SwinUnetDecoder(nn.Module):
+class SwinUnetDecoder(DeepSupervisionSwitch, nn.Module):
     """Swin-Unet's patch-expanding decoder and its heads; ``deep_supervision`` switches the list output.
 
     Built with ``deep_supervision=False`` it has no extra heads (Swin-Unet's parameters) and the switch
-    cannot be turned on.
+    cannot be turned on. With it on, the network returns ``[full, 1/4, 1/8, 1/16]`` logits.
     """
+
+    network_name = "M4oESwinUnet"
 
     def __init__(self, num_classes: int, dims: Sequence[int], decoder_depths: Sequence[int],
                  num_heads: Sequence[int], patch_size: int, spatial_dims: int, rates: Sequence[Sequence[float]],
@@ -180,18 +183,6 @@ class SwinUnetDecoder(nn.Module):
         self.heads = nn.ModuleList(UnetOutBlock(spatial_dims, dims[lv], num_classes) for lv in range(len(dims) - 1)) \
             if deep_supervision else None
         self.deep_supervision = deep_supervision
-
-    @property
-    def deep_supervision(self) -> bool:
-        """True: the network returns ``[full, 1/4, 1/8, 1/16]`` logits; False: one tensor."""
-        return self._deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, enabled: bool) -> None:
-        if enabled and self.heads is None:
-            raise ValueError("this M4oESwinUnet was built with deep_supervision=False and has no deep-supervision "
-                             "heads; construct it with deep_supervision=True to switch deep supervision on")
-        self._deep_supervision = bool(enabled)
 
     def forward(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor], modality=None):
         x, decoded = bottleneck, [None] * len(skips)

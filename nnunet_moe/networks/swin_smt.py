@@ -36,6 +36,7 @@ from monai.networks.nets.swin_unetr import SwinUNETR
 from torch import nn
 
 from nnunet_moe.layers.soft_moe import SLOT_SCHEMES, SoftMoE
+from nnunet_moe.networks.deep_supervision import DeepSupervisionSwitch
 
 __all__ = [
     "SwinSMT",
@@ -91,12 +92,15 @@ def smallest_valid_swin_shape(spatial_shape: Sequence[int], patch_size: int = 2,
     return tuple(max(1, math.ceil(int(s) / divisor)) * divisor for s in spatial_shape)
 
 
-class DeepSupervisionHeads(nn.Module):
+class DeepSupervisionHeads(DeepSupervisionSwitch, nn.Module):
     """``SwinSMT.decoder``: the deep-supervision heads on MONAI's ``decoder2`` .. ``decoder5`` and their switch.
 
     Head ``i`` maps the ``feature_size * 2**i`` channels at 1/2**(i+1) resolution to logits. Built with
     ``enabled=False`` it has no heads (and no parameters) and ``deep_supervision`` cannot be switched on.
+    With it on, SwinSMT returns ``[full, 1/2, 1/4, 1/8, 1/16]`` logits.
     """
+
+    network_name = "SwinSMT"
 
     def __init__(self, spatial_dims: int, feature_size: int, out_channels: int, enabled: bool) -> None:
         super().__init__()
@@ -105,20 +109,6 @@ class DeepSupervisionHeads(nn.Module):
             for i in range(NUM_SWIN_STAGES)
         ) if enabled else None
         self.deep_supervision = enabled
-
-    @property
-    def deep_supervision(self) -> bool:
-        """True: the network returns ``[full, 1/2, 1/4, 1/8, 1/16]`` logits; False: one tensor."""
-        return self._deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, enabled: bool) -> None:
-        if enabled and self.heads is None:
-            raise ValueError(
-                "this SwinSMT was built with deep_supervision=False and has no deep-supervision heads; "
-                "construct it with deep_supervision=True to switch deep supervision on"
-            )
-        self._deep_supervision = bool(enabled)
 
     def forward(self, logits: torch.Tensor, features: Sequence[torch.Tensor]):
         """``logits`` alone, or with deep supervision ``[logits, *heads(features)]`` (features at 1/2 .. 1/16)."""
