@@ -49,18 +49,21 @@ def ensure_plans(dataset_id: int, dataset_name: str, configuration: str, log=pri
     return plans_file
 
 
-def trained_folder(dataset_name: str, trainer: str, configuration: str, fold: int) -> str:
-    """``$nnUNet_results/<dataset>/<trainer>__nnUNetPlans__<configuration>/fold_<fold>``."""
-    return os.path.join(os.environ["nnUNet_results"], dataset_name, f"{trainer}__nnUNetPlans__{configuration}",
-                        f"fold_{fold}")
+def trained_folder(dataset_name: str, trainer: str, configuration: str, fold: int, env: dict | None = None) -> str:
+    """``$nnUNet_results/<dataset>/<trainer>__nnUNetPlans__<configuration>/fold_<fold>``, with ``nnUNet_results``
+    from ``env`` (the environment the commands run with; None: this process's)."""
+    results = (os.environ if env is None else env)["nnUNet_results"]
+    return os.path.join(results, dataset_name, f"{trainer}__nnUNetPlans__{configuration}", f"fold_{fold}")
 
 
 def train_or_reuse(dataset_id: int, dataset_name: str, trainer: str, configuration: str, fold: int, device: str,
                    env: dict | None = None, log=print) -> dict:
-    """Stock ``nnUNetv2_train``: reuse a finished run, continue an interrupted one with ``--c``.
+    """Stock ``nnUNetv2_train`` with ``env`` (None: :func:`training_env`): reuse a finished run, continue an
+    interrupted one with ``--c``.
 
     Returns ``{"output_folder", "ran" (False when reused), "peak_rss_bytes" (None when reused)}``."""
-    output_folder = trained_folder(dataset_name, trainer, configuration, fold)
+    env = training_env(device) if env is None else env
+    output_folder = trained_folder(dataset_name, trainer, configuration, fold, env)
     if os.path.isfile(os.path.join(output_folder, "checkpoint_final.pth")):
         log(f"Reusing the finished training in {output_folder}")
         return {"output_folder": output_folder, "ran": False, "peak_rss_bytes": None}
@@ -69,7 +72,7 @@ def train_or_reuse(dataset_id: int, dataset_name: str, trainer: str, configurati
     if os.path.isfile(os.path.join(output_folder, "checkpoint_latest.pth")):
         log(f"Continuing the interrupted training in {output_folder} (--c)")
         cmd.append("--c")
-    peak = run_streamed(cmd, env=env if env is not None else training_env(device), log=log)
+    peak = run_streamed(cmd, env=env, log=log)
     return {"output_folder": output_folder, "ran": True, "peak_rss_bytes": peak}
 
 

@@ -45,3 +45,23 @@ def test_row_from_a_finished_fold(tmp_path):
     assert "| 3d_fullres | `T` | 0.001 | 0 | 0.550 | 0.610 | 2.20 | 1,536 |" in table
     convergence.plot([row], str(tmp_path / "p.png"))
     assert os.path.getsize(tmp_path / "p.png") > 1000
+
+
+def test_training_steps_use_the_results_folder_of_their_environment(tmp_path, monkeypatch):
+    """Each convergence run trains into its own nnUNet_results (given in the command's environment), while
+    this process's nnUNet_results stays as it is."""
+    from nnunet_moe import stock_pipeline
+
+    calls = []
+    monkeypatch.setattr(stock_pipeline, "run_streamed", lambda cmd, env=None, log=print: calls.append((cmd, env)) or 7)
+    monkeypatch.setattr(stock_pipeline, "nnunet_command", lambda name: name)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "process"))
+    env = stock_pipeline.training_env("cpu", nnUNet_results=str(tmp_path / "run"))
+    first = stock_pipeline.train_or_reuse(501, "Dataset501_X", "T", "2d", 0, "cpu", env=env, log=lambda *a: None)
+    assert first["output_folder"] == str(tmp_path / "run" / "Dataset501_X" / "T__nnUNetPlans__2d" / "fold_0")
+    assert first["ran"] and first["peak_rss_bytes"] == 7 and calls[0][1]["nnUNet_results"] == str(tmp_path / "run")
+    os.makedirs(first["output_folder"])
+    open(os.path.join(first["output_folder"], "checkpoint_final.pth"), "w").close()
+    again = stock_pipeline.train_or_reuse(501, "Dataset501_X", "T", "2d", 0, "cpu", env=env, log=lambda *a: None)
+    assert not again["ran"] and len(calls) == 1  # the finished run in the environment's folder is reused
+    assert os.environ["nnUNet_results"] == str(tmp_path / "process")

@@ -85,36 +85,29 @@ def summarise_run(fold_dir: str, trainer: str, heldout: dict) -> dict:
 
 
 def run_one(dataset, configuration: str, trainer: str, results: str, device: str, log=print) -> dict:
+    """Train (or reuse / continue), predict and evaluate one run with its results in ``results``."""
     env = training_env(device, nnUNet_results=results, nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
-    saved = os.environ.get("nnUNet_results")
-    os.environ["nnUNet_results"] = results  # trained_folder / train_or_reuse read it
-    try:
-        t0 = time.time()
-        trained = train_or_reuse(dataset.dataset_id, dataset.name, trainer, configuration, 0, device, env=env, log=log)
-        fold_dir = trained["output_folder"]
-        pred = os.path.join(fold_dir, "heldout_predictions")
-        summary_file = os.path.join(pred, "summary.json")
-        if not os.path.isfile(summary_file):
-            tmp = pred + ".partial"  # a killed prediction leaves no half folder behind under the final name
-            shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished prediction
-            predict_folder(dataset.images_ts, tmp, dataset.dataset_id, trainer, configuration, 0, device, env=env,
-                           log=log)
-            pre = os.path.join(os.environ["nnUNet_preprocessed"], dataset.name)
-            evaluate_folder(dataset.labels_ts, tmp, os.path.join(pre, "nnUNetPlans.json"),
-                            os.path.join(pre, "dataset.json"))
-            os.rename(tmp, pred)
-        with open(summary_file) as f:
-            heldout = json.load(f)
-        row = summarise_run(fold_dir, trainer, heldout)
-        row.update(configuration=configuration, trainer=trainer, fold_dir=fold_dir,
-                   peak_rss_mib=None if trained["peak_rss_bytes"] is None else trained["peak_rss_bytes"] / 2 ** 20,
-                   wall_seconds_this_call=time.time() - t0)
-        return row
-    finally:
-        if saved is None:
-            os.environ.pop("nnUNet_results", None)
-        else:
-            os.environ["nnUNet_results"] = saved
+    t0 = time.time()
+    trained = train_or_reuse(dataset.dataset_id, dataset.name, trainer, configuration, 0, device, env=env, log=log)
+    fold_dir = trained["output_folder"]
+    pred = os.path.join(fold_dir, "heldout_predictions")
+    summary_file = os.path.join(pred, "summary.json")
+    if not os.path.isfile(summary_file):
+        tmp = pred + ".partial"  # a killed prediction leaves no half folder behind under the final name
+        shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished prediction
+        predict_folder(dataset.images_ts, tmp, dataset.dataset_id, trainer, configuration, 0, device, env=env,
+                       log=log)
+        pre = os.path.join(os.environ["nnUNet_preprocessed"], dataset.name)
+        evaluate_folder(dataset.labels_ts, tmp, os.path.join(pre, "nnUNetPlans.json"),
+                        os.path.join(pre, "dataset.json"))
+        os.rename(tmp, pred)
+    with open(summary_file) as f:
+        heldout = json.load(f)
+    row = summarise_run(fold_dir, trainer, heldout)
+    row.update(configuration=configuration, trainer=trainer, fold_dir=fold_dir,
+               peak_rss_mib=None if trained["peak_rss_bytes"] is None else trained["peak_rss_bytes"] / 2 ** 20,
+               wall_seconds_this_call=time.time() - t0)
+    return row
 
 
 def markdown(rows: list) -> str:
