@@ -16,6 +16,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from nnunet_moe.nnunet_paths import datasets_with_id
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hippocampus")
 LABELS = {"background": 0, "Anterior": 1, "Posterior": 2}
 MARKER_KEY = "nnunet_moe_demo"
@@ -50,16 +52,6 @@ class DemoDataset:
         return os.path.join(self.folder, "labelsTs")
 
 
-def _datasets_with_id(dataset_id: int) -> list:
-    """Existing folders named Dataset<id>_* in nnUNet_raw/_preprocessed/_results."""
-    found = []
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        base = os.environ.get(var)
-        if base and os.path.isdir(base):
-            found += [os.path.join(base, d) for d in os.listdir(base) if d.startswith(f"Dataset{dataset_id:03d}_")]
-    return found
-
-
 def write_demo_dataset(dataset_id: int = DEFAULT_DATASET_ID, dataset_name: str = DEFAULT_DATASET_NAME, num_test: int = 10,
                        num_train: int | None = None, log=print) -> DemoDataset:
     """Write (or reuse) the demo dataset in ``$nnUNet_raw``; refuses to touch anything else."""
@@ -80,7 +72,7 @@ def write_demo_dataset(dataset_id: int = DEFAULT_DATASET_ID, dataset_name: str =
     folder = os.path.join(raw, name)
     marker = {"train": train, "test": test}
 
-    others = [p for p in _datasets_with_id(dataset_id) if os.path.basename(p) != name]
+    others = [p for p in datasets_with_id(dataset_id) if os.path.basename(p) != name]
     if others:
         raise FileExistsError(
             f"Dataset id {dataset_id} is already used by {others[0]}. nnunet-moe will not touch it: "

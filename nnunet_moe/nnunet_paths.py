@@ -26,6 +26,16 @@ def require_nnunet_paths(purpose: str) -> dict:
     return {v: os.environ[v] for v in NNUNET_FOLDER_VARS}
 
 
+def datasets_with_id(dataset_id: int) -> list:
+    """Existing folders named Dataset<id>_* in nnUNet_raw/_preprocessed/_results."""
+    found = []
+    for var in NNUNET_FOLDER_VARS:
+        base = os.environ.get(var)
+        if base and os.path.isdir(base):
+            found += [os.path.join(base, d) for d in os.listdir(base) if d.startswith(f"Dataset{dataset_id:03d}_")]
+    return found
+
+
 def set_default_paths(work_dir: str) -> list:
     """Point unset nnU-Net folder variables into ``work_dir``; returns the (name, value) pairs set."""
     changed = []

@@ -27,20 +27,19 @@ from nnunet_moe.datasets.normalisation import SCHEMES, crop_box, ct_parameters, 
     mr_parameters, normalise_for_prediction, samples_per_case, write_image_channels
 from nnunet_moe.datasets.sources import load_source, parse_aliases
 from nnunet_moe.datasets.splits import stratified_splits
+from nnunet_moe.nnunet_paths import datasets_with_id
 
 FILE_ENDING = ".nii.gz"
 CHANNEL_NAME = "noNorm"  # nnU-Net's NoNormalization ('nonorm' after casefold)
 
 
 def _check_target(out_id, name: str) -> str:
-    from nnunet_moe.demo_dataset import _datasets_with_id  # one definition of "a dataset uses this id"
-
     if isinstance(out_id, bool) or not isinstance(out_id, int) or not 1 <= out_id <= 999:
         raise ValueError(f"--out {out_id!r}: a dataset id is an integer in nnU-Net's range 1..999.")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
         raise ValueError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (it becomes the folder "
                          f"Dataset{out_id:03d}_<name>).")
-    used = _datasets_with_id(out_id)
+    used = datasets_with_id(out_id)
     if used:
         raise FileExistsError(f"Dataset id {out_id} is already used by {sorted(used)[0]}; merge-datasets never "
                               f"writes over an existing dataset. Choose a free id with --out.")

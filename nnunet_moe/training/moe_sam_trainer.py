@@ -28,7 +28,6 @@ final validation).
 """
 from __future__ import annotations
 
-
 import torch
 
 from nnunet_moe.networks.moe_sam import MoESAM, check_image_size, format_parameter_report
