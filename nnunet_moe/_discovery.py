@@ -8,7 +8,7 @@ time). This module is imported at interpreter start by ``nnunet_moe_discovery.pt
 without any manual step. It must stay cheap: no torch, no nnU-Net imports.
 
 Set ``NNUNET_MOE_NO_AUTODISCOVERY=1`` to switch the hook off (then use the line printed by
-``nnunet-moe env``).
+``nnunet-moe env``); another value keeps it on and ``nnunet-moe env`` stops with an error naming it.
 """
 import os
 
@@ -42,9 +42,26 @@ def ext_trainer_value(current: str | None) -> str:
     return os.pathsep.join(entries + [folder])
 
 
+NO_AUTODISCOVERY_ENV = "NNUNET_MOE_NO_AUTODISCOVERY"
+
+
+def autodiscovery_disabled() -> bool:
+    """``$NNUNET_MOE_NO_AUTODISCOVERY``: 1/true/yes -> off; 0/false/no/unset -> on; ValueError otherwise."""
+    raw = os.environ.get(NO_AUTODISCOVERY_ENV, "").strip().lower()
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("", "0", "false", "no"):
+        return False
+    raise ValueError(f"{NO_AUTODISCOVERY_ENV}={raw!r} is not a switch: set it to 1 to switch the automatic "
+                     f"discovery of nnunet-moe trainers off (then export nnUNet_extTrainer yourself), or unset it")
+
+
 def install() -> None:
-    if os.environ.get("NNUNET_MOE_NO_AUTODISCOVERY", "").lower() in ("1", "true", "yes"):
-        return
+    try:
+        if autodiscovery_disabled():
+            return
+    except ValueError:
+        pass  # a Python start must not fail: the hook stays on, `nnunet-moe env` reports the value
     os.environ["nnUNet_extTrainer"] = ext_trainer_value(os.environ.get("nnUNet_extTrainer"))
 
 

@@ -32,8 +32,9 @@ def hook_files() -> list:
 
 
 def cmd_env(args) -> int:
-    from nnunet_moe._discovery import trainer_folder
+    from nnunet_moe._discovery import autodiscovery_disabled, trainer_folder
 
+    autodiscovery_disabled()  # a bad value stops here, naming it
     folder = trainer_folder()
     active = folder in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep)
     hooks = hook_files()

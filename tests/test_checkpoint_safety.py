@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import pathlib
-import re
 
 import numpy as np
 import pytest
@@ -91,22 +90,21 @@ def _nnunet_checkpoint(tmp_path, monkeypatch) -> pathlib.Path:
     return path
 
 
-def test_nmsw_predictor_reads_trainer_names_without_unpickling_code(tmp_path, monkeypatch):
-    from nnunet_moe.inference.nmsw_predictor import _checkpoint_trainer_name
+def test_nnunet_checkpoints_are_read_without_unpickling_code(tmp_path, monkeypatch):
+    """nnU-Net's checkpoints (numpy scalars in their log) are readable with weights_only; other objects are not."""
+    from nnunet_moe.pretrained.checkpoint_io import numpy_scalar_globals, read_checkpoint
 
     monkeypatch.delenv(TRUST_ENV, raising=False)
-    real = _nnunet_checkpoint(tmp_path, monkeypatch)  # readable with weights_only: numpy scalars allowed
-    folder = real.parent.parent
-    assert _checkpoint_trainer_name(str(folder), (0,), real.name) == (str(real), "nnUNetTrainerSwinUMambaDScratch")
+    real = _nnunet_checkpoint(tmp_path, monkeypatch)
+    assert read_checkpoint(str(real), allowed_globals=numpy_scalar_globals())["trainer_name"] == \
+        "nnUNetTrainerSwinUMambaDScratch"
 
     path, marker = _malicious(tmp_path, {"trainer_name": "nnUNetTrainerNMSW", "network_weights": {}})
-    fold = tmp_path / "model" / "fold_0"
-    fold.mkdir(parents=True)
-    path.rename(fold / "checkpoint_final.pth")
-    _, name = _checkpoint_trainer_name(str(fold.parent), (0,), "checkpoint_final.pth")
-    assert re.match(r"<unknown: refused to load .*arbitrary code", name) and not marker.exists()
+    with pytest.raises(ValueError, match="refused to load .*arbitrary code"):
+        read_checkpoint(str(path), allowed_globals=numpy_scalar_globals())
+    assert not marker.exists()
     monkeypatch.setenv(TRUST_ENV, "1")
-    assert _checkpoint_trainer_name(str(fold.parent), (0,), "checkpoint_final.pth")[1] == "nnUNetTrainerNMSW"
+    assert read_checkpoint(str(path), allowed_globals=numpy_scalar_globals())["trainer_name"] == "nnUNetTrainerNMSW"
     assert marker.exists()
 
 

@@ -95,16 +95,28 @@ def test_spawned_child_process_finds_trainer():
 
 
 def test_unknown_trainer_name_lists_ours():
+    # our folder is searched last, so its error (listing our trainers) is the one nnU-Net's search raises
     proc = py("""
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
         try:
             recursive_find_trainer_class_by_name('nnUNetTrainerDoesNotExist')
         except RuntimeError as e:
-            print('RAISED')
+            print('RAISED', e)
     """, clean_env())
-    assert "RAISED" in proc.stdout
-    assert "nnunet-moe: no trainer named 'nnUNetTrainerDoesNotExist'" in proc.stderr
-    assert "nnunet-moe list" in proc.stderr
+    assert "RAISED nnunet-moe: no trainer named 'nnUNetTrainerDoesNotExist'. nnunet-moe trainers: " in proc.stdout
+    assert "See `nnunet-moe list`." in proc.stdout
+
+
+def test_folders_listed_after_ours_are_still_searched(tmp_path):
+    # only the last folder may stop the search: a user's folder after ours must still be found
+    (tmp_path / "my_trainers.py").write_text(
+        "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n"
+        "class nnUNetTrainerMine(nnUNetTrainer):\n    pass\n")
+    proc = py("""
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        print('FOUND', recursive_find_trainer_class_by_name('nnUNetTrainerMine').__name__)
+    """, clean_env(nnUNet_extTrainer=installed_trainer_folder() + os.pathsep + str(tmp_path)))
+    assert "FOUND nnUNetTrainerMine" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_console_command_list_and_env():

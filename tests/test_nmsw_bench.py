@@ -46,7 +46,7 @@ def test_untrained_nmsw_against_sliding_window_on_bundled_case(capsys, monkeypat
     assert float(nmsw[7]) > 0 and float(window[7]) > 0
     assert nmsw[8] == window[8] == "n/a" and nmsw[2] == window[2] == "n/a"  # no memory run; untrained: not scored
     assert "untrained (seeded, seed 0) weights for nnUNetTrainerNMSW" in printed
-    # the benchmark restores the K variable it set for the NMSW mode
+    # --nmsw-k reaches the predictor as an option, not through the environment variable
     assert "NNUNET_MOE_NMSW_K" not in os.environ
 
     # the table's figures are the per-case measurements

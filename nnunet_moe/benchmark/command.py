@@ -40,7 +40,18 @@ What is measured, per case:
 * Dice, HD95 (mm), NSD (``--nsd-tolerance`` mm) per foreground label or region:
   ``metrics.case_metrics_from_files`` on the written prediction, means over cases.
 
+* resident memory (``--memory-growth``): the process's RSS after every case and its peak during the case
+  (``cost.PeakMemory(kind="rss")``), and the C heap in use after it (``cost.heap_in_use_bytes``); a table
+  per model and mode shows whether they grow from case to case (``report.memory_growth_table``), also in
+  ``memory_growth.md``.
+
+``--no-flops`` skips the FLOP count (an extra inference per case of a new shape).
 A model's row reports the mean seconds, FLOPs and patches per case and the largest peak memory.
+
+Interrupted runs (``journal``): every case's record is appended to ``records.jsonl`` in the output folder
+(fsynced) as soon as it is measured, after ``run.json`` with the run's settings. After SIGINT or SIGKILL
+the same command with ``--resume`` (and ``-o`` of the interrupted run's folder) measures only what is
+missing and writes the reports of the whole run; it refuses a folder whose run had other settings.
 Inference modes (``--modes``, ``modes``): ``sliding_window``, ``nmsw`` (``--nmsw-k`` sets K) and ``auto``.
 
 Bad input never stops the other models: a trainer without results folder, a fold without checkpoint,
@@ -52,10 +63,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 
 from nnunet_moe.benchmark.cases import cases_from_folders, folder_naming, validation_cases
+from nnunet_moe.benchmark.journal import RUN_FILE, Journal
 from nnunet_moe.benchmark.models import (DEFAULT_CHECKPOINT, DEFAULT_PLANS, checkpoint_problem, load_json,
                                          model_folder, num_channels, resolve_dataset_name, trained_model,
                                          trained_trainers)
@@ -75,6 +88,8 @@ class BenchmarkOptions:
     nmsw_k: int | None = None
     nsd_tolerance_mm: float = 1.0
     memory: bool = True
+    flops: bool = True
+    memory_growth: bool = False
 
 
 @dataclass
@@ -105,11 +120,14 @@ def benchmark(dataset, configuration: str, trainers: list, fold, plans: str = DE
               device: str = "cpu", modes: list | None = None, checkpoint: str = DEFAULT_CHECKPOINT,
               tta: bool = True, step_size: float = 0.5, nmsw_k: int | None = None, nsd_tolerance_mm: float = 1.0,
               demo: bool = False, progress: bool = True, untrained: list | None = None, seed: int = 0,
-              num_cases: int | None = None, memory: bool = True, log=print) -> BenchmarkResult:
+              num_cases: int | None = None, memory: bool = True, flops: bool = True, memory_growth: bool = False,
+              resume: bool = False, log=print) -> BenchmarkResult:
     """Run the benchmark; see the module docstring. Returns rows, output folder, file paths and problems.
 
     Raises ValueError / FileNotFoundError / RuntimeError for input that stops the whole run (missing
-    nnU-Net variables, unknown dataset, no cases), and RuntimeError when no model could be evaluated.
+    nnU-Net variables, unknown dataset, no cases, ``resume`` without a matching interrupted run in
+    ``out``), and RuntimeError when no model could be evaluated. KeyboardInterrupt (SIGINT) is re-raised
+    after saying how to resume; every case measured until then is kept.
     """
     from nnunet_moe.nnunet_paths import require_nnunet_paths
 
@@ -117,31 +135,63 @@ def benchmark(dataset, configuration: str, trainers: list, fold, plans: str = DE
     fold = None if fold is None else str(fold)
     options = _checked_options(fold, images, labels, device, step_size, nmsw_k, num_cases, dataset, trainers,
                                untrained, BenchmarkOptions(device, checkpoint, tta, step_size, nmsw_k,
-                                                           nsd_tolerance_mm, memory))
+                                                           nsd_tolerance_mm, memory, flops, memory_growth))
     modes = check_modes(modes)
+    if resume and out is not None:
+        Journal.interrupted_run(out)  # before the setup (planning can take a while): is there a run to resume?
     with tempfile.TemporaryDirectory(prefix="nnunet_moe_benchmark_") as work:  # plans of cases without a dataset
         if dataset is None:
             setup = _planned_setup(untrained, images, labels, configuration, seed, num_cases, work)
         else:
             setup = _dataset_setup(folders, dataset, configuration, list(trainers or []), fold, plans, checkpoint,
                                    images, labels, demo, list(untrained or []), seed, num_cases, log)
-        out_dir = free_folder(out or setup.default_out)
+        settings = _settings(setup, configuration, plans, fold, untrained, seed, modes, options)
+        journal = _journal(out or setup.default_out, settings, resume, log)
+        out_dir = journal.out_dir
         title = (f"{setup.label}: {len(setup.cases)} cases ({setup.case_source}), {device}, "
                  f"TTA {'on' if tta else 'off'}"
                  + (f", untrained (seeded, seed {seed}) weights for {', '.join(untrained)}" if untrained else ""))
         log(f"Benchmark: {title}")
         log(f"Results will go to {out_dir}")
         reference = load_json(setup.reference_path)
-        rows, per_case = run_models(setup.models, modes, setup.cases, options, reference, setup.reference_path,
-                                    out_dir, setup.problems, progress, log)
+        try:
+            rows, per_case = run_models(setup.models, modes, setup.cases, options, reference, setup.reference_path,
+                                        out_dir, setup.problems, progress, log, journal)
+        except KeyboardInterrupt:
+            journal.close()
+            log(f"Interrupted: the cases measured so far are kept in {out_dir}; continue with the same command "
+                f"and --resume -o {out_dir}")
+            raise
         if not rows:
+            journal.close()
+            if journal.session == 0:  # this call made the folder and nothing was measured: leave nothing behind
+                shutil.rmtree(out_dir)
             raise RuntimeError("no model could be evaluated:\n  " + "\n  ".join(setup.problems))
-        settings = {"dataset": setup.dataset, "configuration": configuration, "plans": plans, "fold": fold,
-                    "untrained": untrained, "seed": seed, "case_source": setup.case_source,
-                    "cases": [c.identifier for c in setup.cases], "reference_dataset_json": setup.reference_path,
-                    **vars(options)}
-        paths = _write_outputs(rows, per_case, setup.problems, settings, out_dir, title, log)
+        paths = _write_outputs(rows, per_case, setup.problems,
+                               {**settings, "reference_dataset_json": setup.reference_path}, out_dir, title, log)
+        journal.finish()
     return BenchmarkResult(rows, out_dir, paths, setup.problems, per_case)
+
+
+def _settings(setup, configuration, plans, fold, untrained, seed, modes, options) -> dict:
+    """What makes two runs' numbers comparable (``--resume`` refuses a folder whose run had others)."""
+    import torch
+
+    return {"dataset": setup.dataset, "configuration": configuration, "plans": plans, "fold": fold,
+            "models": [m.name for m in setup.models], "untrained": untrained, "seed": seed, "modes": modes,
+            "case_source": setup.case_source, "cases": [c.identifier for c in setup.cases], **vars(options),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def _journal(out: str, settings: dict, resume: bool, log) -> Journal:
+    """The interrupted run in ``out`` (``resume``), else a new run in ``out`` or, when it exists, ``out_2``..."""
+    if resume:
+        return Journal.resume(out, settings, log)
+    out_dir = free_folder(out)
+    if out_dir != out and os.path.isfile(os.path.join(out, RUN_FILE)) and not load_json(
+            os.path.join(out, RUN_FILE)).get("finished"):
+        log(f"{out} holds an interrupted run; it is left as it is (add --resume to continue it)")
+    return Journal.start(out_dir, settings)
 
 
 def _checked_options(fold, images, labels, device, step_size, nmsw_k, num_cases, dataset, trainers, untrained,
@@ -168,6 +218,9 @@ def _checked_options(fold, images, labels, device, step_size, nmsw_k, num_cases,
         raise ValueError(f"--nmsw-k {nmsw_k}: K must be a positive integer")
     if num_cases is not None and num_cases < 1:
         raise ValueError(f"--num-cases {num_cases}: must be a positive integer")
+    if options.memory_growth and not os.path.exists("/proc/self/clear_refs"):
+        raise ValueError("--memory-growth reads the resident memory from Linux's /proc/self (clear_refs, status), "
+                         "which this system does not have; run without --memory-growth")
     return options
 
 
@@ -235,17 +288,20 @@ def _planned_setup(untrained, images, labels, configuration, seed, num_cases, wo
 
 
 def _write_outputs(rows, per_case, problems, settings, out_dir, title, log) -> dict:
-    import torch
-
-    from nnunet_moe.benchmark.report import markdown_tables, write_reports
+    from nnunet_moe.benchmark.report import markdown_tables, memory_growth_table, write_reports
 
     paths = write_reports(rows, out_dir, title)
     paths["per_case"] = os.path.join(out_dir, "per_case.json")
-    settings = {**settings, "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     with open(paths["per_case"], "w") as f:
         json.dump({"settings": settings, "problems": problems, "cases": per_case}, f, indent=2, default=str)
     log("")
     log(markdown_tables(rows))
+    growth = memory_growth_table(per_case)
+    if growth:
+        paths["memory_growth"] = os.path.join(out_dir, "memory_growth.md")
+        with open(paths["memory_growth"], "w") as f:
+            f.write(f"# Resident memory over the cases: {title}\n\n{growth}\n")
+        log(f"Resident memory (RSS) of this process after each case:\n\n{growth}\n")
     if problems:
         log(f"{len(problems)} model(s)/mode(s) skipped:")
         for message in problems:
@@ -281,7 +337,7 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("-o", "--out", default=None,
                         help="output folder (default: $nnUNet_results/DatasetXXX_Name/benchmark_<config>_fold<f>; "
                              "without -d ./benchmark_<config>_untrained); an existing folder is never overwritten: "
-                             "_2, _3... is appended")
+                             "_2, _3... is appended (--resume continues the interrupted run in it instead)")
     parser.add_argument("--untrained", nargs="+", default=None, metavar="TRAINER",
                         help="also benchmark these trainers' networks built from the plans with seeded random "
                              "weights, no checkpoint (cost only: not scored). Plans: the dataset's (-d), or without "
@@ -299,6 +355,17 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD tolerance in mm (default: %(default)s)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="CPU: skip the peak-memory run (one extra profiled run per case); CUDA always measures")
+    parser.add_argument("--no-flops", dest="flops", action="store_false",
+                        help="skip the FLOP count (one extra inference per case of a new shape); FLOPs are then n/a")
+    parser.add_argument("--memory-growth", action="store_true",
+                        help="record the process's resident memory (RSS) after and during every case and the C "
+                             "heap in use after it, and print a table per model: RSS after case 1, 2 and the last, "
+                             "growth after case 2 of the RSS and of the heap (a leak grows the heap); also "
+                             "memory_growth.md. Linux")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in -o (default: the default folder) with the same "
+                             "options: cases and models it measured are kept, not run again; refused when the "
+                             "options differ from that run's")
     parser.add_argument("--demo", action="store_true",
                         help="the demo dataset of `nnunet-moe demo` (held-out cases, every trained trainer)")
     parser.add_argument("--work-dir", default="nnunet_moe_demo",
@@ -324,7 +391,15 @@ def _demo_paths(work_dir: str) -> None:
 
 
 def run_benchmark(args) -> int:
-    """``nnunet-moe benchmark``: 0 when at least one model was evaluated (errors raise, see ``benchmark``)."""
+    """``nnunet-moe benchmark``: 0 when at least one model was evaluated (errors raise, see ``benchmark``);
+    130 when interrupted by SIGINT (``benchmark`` said how to resume)."""
+    try:
+        return _run_benchmark(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_benchmark(args) -> int:
     dataset, configuration, fold = args.dataset, args.configuration, args.fold
     if args.demo:
         _demo_paths(args.work_dir)
@@ -344,5 +419,6 @@ def run_benchmark(args) -> int:
               labels=args.labels, out=args.out, device=args.device, modes=args.modes, checkpoint=args.checkpoint,
               tta=args.tta, step_size=args.step_size, nmsw_k=args.nmsw_k, nsd_tolerance_mm=args.nsd_tolerance,
               demo=args.demo, progress=args.progress, untrained=args.untrained, seed=args.seed,
-              num_cases=args.num_cases, memory=args.memory)
+              num_cases=args.num_cases, memory=args.memory, flops=args.flops, memory_growth=args.memory_growth,
+              resume=args.resume)
     return 0

@@ -72,6 +72,33 @@ def _proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
+def heap_in_use_bytes() -> int | None:
+    """Bytes that the C allocator (glibc ``malloc``, which torch's and numpy's CPU memory come from) has handed
+    out and not got back: ``mallinfo2``'s ``uordblks + hblkhd`` over all arenas; None without glibc >= 2.33.
+    Unlike the RSS it leaves out memory that was freed and kept for reuse, so memory kept by mistake shows
+    at once instead of after the allocator's reserve is used up."""
+    import ctypes
+
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set size now (Linux ``VmRSS``); None where ``/proc/self/status`` does not exist."""
+    try:
+        return _proc_status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
 class PeakMemory:
     """Peak memory that the code inside ``with PeakMemory(device, kind) as meter:`` added: ``meter.peak_bytes``.
 
@@ -80,7 +107,7 @@ class PeakMemory:
     the absolute ``max_memory_allocated`` (weights and inputs included), the figure usually quoted as
     "peak GPU memory".
 
-    On CPU, ``absolute_peak_bytes`` is None and ``kind`` says what is counted:
+    On CPU ``kind`` says what is counted:
 
     * ``"tensors"`` (default): torch has no CPU allocator statistics, so the block runs under
       ``torch.profiler`` with ``profile_memory=True``, which records every CPU tensor allocation
@@ -88,11 +115,12 @@ class PeakMemory:
       tensor memory allocated since entry. Memory held before (weights, inputs) is not counted,
       tensors freed inside lower the sum, memory outside torch's allocator (numpy arrays, Python
       objects) is not seen. The profiler slows the block: do not time it. File descriptor 2 is
-      silenced during the block (kineto's start/stop lines).
+      silenced during the block (kineto's start/stop lines). ``absolute_peak_bytes`` is None.
     * ``"rss"``: the peak resident set size (Linux: ``VmHWM``, reset to the current size through
       ``/proc/self/clear_refs`` at entry) minus the resident size at entry: everything the process
       added, numpy buffers and the Python heap included. Memory that an allocator kept from earlier
-      calls is reused without growing the RSS, so measure in a fresh process.
+      calls is reused without growing the RSS, so measure in a fresh process. ``absolute_peak_bytes``
+      is the peak resident size itself.
     """
 
     KINDS = ("tensors", "rss")
@@ -147,7 +175,8 @@ class PeakMemory:
                       if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
             self.peak_bytes = _peak_of_running_sum(events)
         else:
-            self.peak_bytes = max(0, _proc_status_bytes("VmHWM") - self._start)
+            self.absolute_peak_bytes = _proc_status_bytes("VmHWM")
+            self.peak_bytes = max(0, self.absolute_peak_bytes - self._start)
         return False
 
 

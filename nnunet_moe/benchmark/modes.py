@@ -2,14 +2,14 @@
 
 ``sliding_window`` is nnU-Net's default; on an NMSW model it runs the local (full-resolution patch)
 network alone, the baseline the NMSW paper compares against on the same weights. ``nmsw`` is NMSW-Net's
-top-K patch inference (Jeon et al., ``nnunet_moe.inference.nmsw_predictor``, K from ``--nmsw-k``).
+top-K patch inference (Jeon et al., ``nnunet_moe.inference.nmsw_predictor``: the predictor is an
+``NMSWPredictor`` for the mode's duration, K from ``--nmsw-k``, the other options from the environment).
 ``auto`` picks ``nmsw`` for an NMSW network and ``sliding_window`` otherwise. A new mode is a subclass
 of ``InferenceMode`` added to ``MODES``.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 
 from nnunet_moe.networks.unwrap import unwrap_network
 
@@ -86,21 +86,13 @@ class NMSWMode(InferenceMode):
 
     @contextlib.contextmanager
     def active(self, predictor, options):
-        from nnunet_moe.inference import nmsw_predictor
+        from nnunet_moe.inference.nmsw_predictor import nmsw_prediction, options_from_env
 
-        nmsw_predictor.install()  # patches nnUNetPredictor once per process; later calls change nothing
-        k_env = nmsw_predictor.K_ENV
-        previous_k = os.environ.get(k_env)
+        settings = options_from_env()  # the CLI's NNUNET_MOE_NMSW_* variables; --nmsw-k wins over the K one
         if options.nmsw_k is not None:
-            os.environ[k_env] = str(options.nmsw_k)
-        try:
+            settings["nmsw_k"] = options.nmsw_k
+        with nmsw_prediction(predictor, **settings):
             yield predictor.network
-        finally:
-            if options.nmsw_k is not None:
-                if previous_k is None:
-                    os.environ.pop(k_env, None)
-                else:
-                    os.environ[k_env] = previous_k
 
     def patch_network(self, network):
         return unwrap_network(network).local_net

@@ -243,3 +243,50 @@ def rows_from_aggregate(model: str, mode: str, aggregated: dict, class_names: di
          "patches_per_case": patches_per_case}
         for label, means in aggregated["per_label"].items()
     ]
+
+
+def memory_growth_rows(records: Sequence[dict]) -> list[dict]:
+    """Resident memory over the cases of each (model, mode), from per-case records with ``rss_after_bytes``
+    and ``rss_peak_bytes`` (``nnunet-moe benchmark --memory-growth``), in MiB and in record order.
+
+    ``after_1``, ``after_2``, ``after_last``: the process's RSS after case 1, 2 and the last case;
+    ``growth``: the highest RSS after any later case minus the RSS after case 2 (case 1 holds the warm-up
+    and first-use caches; the allocator may hand memory back, so single values dip, but a leak raises
+    the top); ``peak``: the largest RSS during any case. ``growth`` compares one process only: None when
+    the records come from several (a resumed run), or from fewer than 2 cases. ``heap_growth``: the same
+    for the C heap in use (``heap_after_bytes``, ``cost.heap_in_use_bytes``), which memory freed and kept
+    by the allocator does not blur; None where it was not measured.
+    """
+    keys = list(dict.fromkeys((r["model"], r["mode"]) for r in records))
+    out = []
+    for model, mode in keys:
+        own = [r for r in records if (r["model"], r["mode"]) == (model, mode)]
+        if any(r.get("rss_after_bytes") is None for r in own):
+            continue
+        after = [r["rss_after_bytes"] / 2 ** 20 for r in own]
+        one_process = len({r.get("session", 0) for r in own}) == 1
+        out.append({"model": model, "mode": mode, "cases": len(own), "after_1": after[0],
+                    "after_2": after[1] if len(after) > 1 else None, "after_last": after[-1],
+                    "growth": max(after[1:]) - after[1] if one_process and len(after) > 1 else None,
+                    "heap_growth": _heap_growth(own) if one_process else None,
+                    "peak": max(r["rss_peak_bytes"] for r in own) / 2 ** 20})
+    return out
+
+
+def _heap_growth(own: list):
+    heap = [r.get("heap_after_bytes") for r in own]
+    return max(heap[1:]) / 2 ** 20 - heap[1] / 2 ** 20 if len(heap) > 1 and None not in heap else None
+
+
+def memory_growth_table(records: Sequence[dict]) -> str:
+    """``memory_growth_rows`` as a Markdown table (MiB, one decimal); empty string without RSS records."""
+    rows = memory_growth_rows(records)
+    if not rows:
+        return ""
+    body = [[r["model"], r["mode"], str(r["cases"])] + [_fmt(r[k], 1) for k in
+                                                         ("after_1", "after_2", "after_last", "growth", "peak",
+                                                          "heap_growth")]
+            for r in rows]
+    return _markdown_table(["Model", "Mode", "Cases", "RSS after case 1 (MiB)", "after case 2", "after last case",
+                            "max growth after case 2", "peak RSS (MiB)", "heap in use: max growth after case 2"],
+                           body)

@@ -2,10 +2,11 @@
 
 ``untrained_model`` builds a trainer's network from a plans file exactly as nnU-Net's predictor
 rebuilds it for a checkpoint (``build_network_architecture``), with ``torch.manual_seed(seed)``
-weights. Only time, FLOPs, patches and memory mean something then, so such models are not scored
-(Dice/HD95/NSD "n/a"). An NMSW network is made to run exactly K local patches
-(``infer_only_foreground`` and ``mask_background`` off): untrained, its global net sees no foreground
-and would skip every local pass.
+weights; for our trainers from the plans as training adapts them (``prepare_plans``: the patch size
+the architecture needs), so the network is the one a training run would save. Only time, FLOPs,
+patches and memory mean something then, so such models are not scored (Dice/HD95/NSD "n/a"). An
+NMSW network is made to run exactly K local patches (``infer_only_foreground`` and
+``mask_background`` off): untrained, its global net sees no foreground and would skip every local pass.
 
 ``plan_cases`` plans cases that belong to no nnU-Net dataset: it writes them (symlinked) as a raw
 dataset in a temporary folder, labels ``label_1..label_<max>`` from the largest value in the label
@@ -42,11 +43,14 @@ def untrained_predictor(trainer: str, plans_file: str, dataset_json_path: str, c
 
     from nnunet_moe.benchmark.modes import is_nmsw_network
 
-    plans_manager, dataset_json = PlansManager(plans_file), load_json(dataset_json_path)
-    configuration_manager = plans_manager.get_configuration(configuration)
     with contextlib.redirect_stdout(io.StringIO()):  # the trainer search prints line by line
         trainer_class = recursive_find_trainer_class_by_name(trainer)
         predictor = new_predictor(options)
+    plans = load_json(plans_file)
+    if hasattr(trainer_class, "prepare_plans"):  # ours: the patch size training would use (and save with the model)
+        plans, _ = trainer_class.prepare_plans(plans, configuration)
+    plans_manager, dataset_json = PlansManager(plans), load_json(dataset_json_path)
+    configuration_manager = plans_manager.get_configuration(configuration)
     torch.manual_seed(seed)
     network = trainer_class.build_network_architecture(
         plans_manager, configuration_manager,

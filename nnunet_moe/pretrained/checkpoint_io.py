@@ -55,8 +55,15 @@ def numpy_scalar_globals() -> list:
 
 
 def trusted(trust_checkpoint: bool | None) -> bool:
-    """The caller's choice, else the user's: ``$NNUNET_MOE_TRUST_CHECKPOINTS`` is ``1``."""
-    return os.environ.get(TRUST_ENV, "") == "1" if trust_checkpoint is None else bool(trust_checkpoint)
+    """The caller's choice, else the user's: ``$NNUNET_MOE_TRUST_CHECKPOINTS`` is ``1`` (``0``/unset: not
+    trusted; any other value is an error rather than a silent "no")."""
+    if trust_checkpoint is not None:
+        return bool(trust_checkpoint)
+    raw = os.environ.get(TRUST_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{TRUST_ENV}={raw!r} is not 0 or 1: set it to 1 to load checkpoint files that hold Python "
+                         f"objects besides tensors (only files you trust: unpickling can run code), or unset it")
+    return raw == "1"
 
 
 def read_checkpoint(checkpoint_path: str | os.PathLike, trust_checkpoint: bool | None = None,
@@ -86,7 +93,19 @@ def read_checkpoint(checkpoint_path: str | os.PathLike, trust_checkpoint: bool |
             ) from err
         raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({_short(err)}); {_EXPECTED}") from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, ImportError) as err:
+        if _damaged_zip(path):
+            raise ValueError(f"{path!r} is not a readable PyTorch checkpoint: it starts like the zip archive "
+                             f"torch.save writes but is incomplete or damaged ({_short(err)}), e.g. an interrupted "
+                             f"download or copy; download or copy it again") from err
         raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({_short(err)}); {_EXPECTED}") from err
+
+
+def _damaged_zip(path: str) -> bool:
+    """The file has torch.save's zip signature but is no complete zip archive (e.g. cut short)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return False
+    return not zipfile.is_zipfile(path)
 
 
 def read_state_dict(checkpoint_path: str | os.PathLike,

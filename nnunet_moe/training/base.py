@@ -19,7 +19,8 @@ else (data, augmentation, loss, checkpoints, validation, prediction) is nnU-Net'
   environment variable; ``pretrained_weights_path()`` returns it (None when resuming: the weights
   come from nnU-Net's checkpoint) or stops with one message naming the variable, what the file is
   (``weights_description``, ``weights_hint``) and the ``...Scratch`` alternative (``scratch_phrase``).
-- ``log_load_report``: the one log entry for pretrained weights, whichever loader read them.
+- ``load_weights_from_env``: loads the file of a weights variable with one of our loaders; errors name the
+  variable and the file; ``log_load_report`` writes the one log entry, whichever loader read them.
 
 Deep supervision follows nnU-Net's convention: the network's ``decoder.deep_supervision``
 selects the list output, which nnU-Net's own ``set_deep_supervision_enabled`` sets.
@@ -35,6 +36,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_moe.networks.unwrap import unwrap_network
 from nnunet_moe.training.lr_schedules import WarmupCosineLRScheduler
 from nnunet_moe.training.patch_size import valid_patch_size
 
@@ -79,7 +81,15 @@ class nnUNetMoETrainerBase(nnUNetTrainer):
         divisor = cls.network_class.input_divisor()
         plans = copy.deepcopy(plans)
         resolved = PlansManager(plans).get_configuration(configuration).patch_size
-        valid = valid_patch_size(resolved, divisor)
+        try:
+            valid = valid_patch_size(resolved, divisor)
+        except ValueError as error:
+            raise ValueError(
+                f"{cls.__name__}: the {configuration} patch size {list(resolved)} of plans "
+                f"{plans.get('plans_name', '?')!r} cannot be made valid for this architecture ({error}; each axis is "
+                f"rounded to the nearest multiple of {divisor}). Fix patch_size in that plans file "
+                f"($nnUNet_preprocessed/{plans.get('dataset_name', 'DatasetXXX')}/{plans.get('plans_name', '?')}.json) "
+                f"or plan again with nnUNetv2_plan_and_preprocess.") from None
         plans["configurations"][configuration]["patch_size"] = valid
         note = "" if list(resolved) == valid else (
             f"{cls.__name__}: patch size {list(resolved)} from the plans -> {valid} (each axis rounded to the "
@@ -102,6 +112,17 @@ class nnUNetMoETrainerBase(nnUNetTrainer):
             raise RuntimeError(f"{name} starts from {self.weights_description}. Set {self.weights_env}="
                                f"{self.weights_hint}, or train {self.scratch_phrase} with -tr {name}Scratch.")
         return path
+
+    def load_weights_from_env(self, env: str, path: str, loader):
+        """``loader(network, path)`` (a pretrained loader returning a
+        :class:`~nnunet_moe.pretrained.load_report.LoadReport`) for the file the user gave with ``env``; a
+        file that cannot be used stops with the loader's reason (which says what to do) prefixed by ``env=path``."""
+        try:
+            report = loader(unwrap_network(self.network), path)
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"{env}={path}: {error}") from None
+        self.log_load_report(env, report)
+        return report
 
     def log_load_report(self, env: str, report) -> None:
         """The log entry of a pretrained-weight load (a :class:`~nnunet_moe.pretrained.load_report.LoadReport`)

@@ -79,7 +79,7 @@ class nnUNetTrainerMoESAM(nnUNetMoETrainerBase):
         if path is not None:
             from nnunet_moe.pretrained.sam_weights import load_sam_weights
 
-            self.log_load_report(WEIGHTS_ENV, load_sam_weights(network, path))
+            self.load_weights_from_env(WEIGHTS_ENV, path, load_sam_weights)
 
     def _build_loss(self):
         loss = super()._build_loss()  # nnU-Net's DC_and_CE_loss (no deep-supervision wrapper: one output)

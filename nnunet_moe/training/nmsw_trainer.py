@@ -15,30 +15,40 @@ augmentation, checkpoints, final validation, export, evaluation -- is nnU-Net's)
   baseline's batch of 4); validation/inference use the deterministic top-``K``. The local network
   can be swapped for another of our networks by overriding the classmethod
   :meth:`nnUNetTrainerNMSW.build_local_network` in a subclass.
-- data: NMSW needs the whole volume, not a patch. nnU-Net's own ``nnUNetDataLoader`` is used with
-  its "patch" set to a fixed *full size*: each sample is the whole preprocessed case, padded (data 0,
-  segmentation -1 -> background, centred, like nnU-Net pads any case smaller than its patch) or --
-  for cases larger than the full size -- a random (foreground-oversampled) full-size crop. nnU-Net's
-  complete spatial and intensity augmentation then runs on that full-size volume (the initial,
-  larger crop for rotation/scaling is derived from the full size as nnU-Net derives it from the
-  patch). Full size (``full_size`` class attribute, else automatic): per axis the plans' median image
-  size rounded up to ``patch + n * patch * (1 - overlap)``, i.e. a size covered exactly by the patch
-  grid, and never smaller than the patch. Batches hold ``volumes_per_batch = 1`` volume (paper).
-  This keeps one code path for the data (nnU-Net's) and puts all NMSW-specific resizing/cropping in
-  the model, which also does it at inference time.
-- loss (paper Eq. 7): Dice+CE with weights Dice 0.8 / CE 0.2 (nnU-Net's ``DC_and_CE_loss``,
-  ``weight_dice``/``weight_ce``; ``DC_and_BCE_loss`` for region-based label sets) on the aggregated
-  full-size output, on the global low-resolution output (against the nearest-neighbour downsampled
-  target) and on the local patch outputs (against the same crops of the target; mean over patches),
-  minus ``ENTROPY_WEIGHT`` (1e-4, paper) times the entropy of the selection distribution.
-- deep supervision: none (``enable_deep_supervision = False``; ``set_deep_supervision_enabled``
-  is a no-op, nnU-Net calls it around validation).
+- data: NMSW needs the whole volume, not a patch. nnU-Net's own ``get_dataloaders`` runs with its
+  sample size (``configuration_manager.patch_size``, for that call only) set to a fixed *full size*:
+  each sample is the whole preprocessed case, padded (data 0, segmentation -1 -> background,
+  centred, like nnU-Net pads any case smaller than its patch) or -- for cases larger than the full
+  size -- a random (foreground-oversampled) full-size crop. nnU-Net's complete spatial and intensity
+  augmentation then runs on that full-size volume (rotation, dummy 2D and mirroring follow nnU-Net's
+  rules for the plans' patch; the initial, larger crop for rotation/scaling is derived from the full
+  size as nnU-Net derives it from the patch). Full size (``full_size`` class attribute, else
+  automatic): per axis the plans' median image size rounded up to ``patch + n * patch * (1 -
+  overlap)``, i.e. a size covered exactly by the patch grid, and never smaller than the patch.
+  Batches hold ``volumes_per_batch = 1`` volume (paper). This keeps one code path for the data
+  (nnU-Net's) and puts all NMSW-specific resizing/cropping in the model, which also does it at
+  inference time.
+- loss (paper Eq. 7, :class:`NMSWLoss`, called by nnU-Net's own ``train_step`` / ``validation_step``
+  as ``loss(NMSWOutput, target)``): Dice+CE with weights Dice 0.8 / CE 0.2 (nnU-Net's
+  ``DC_and_CE_loss``, ``weight_dice``/``weight_ce``; ``DC_and_BCE_loss`` for region-based label sets)
+  on the aggregated full-size output, on the global low-resolution output (against the
+  nearest-neighbour downsampled target) and on the local patch outputs (against the same crops of
+  the target; mean over patches), minus ``ENTROPY_WEIGHT`` (1e-4, paper) times the entropy of the
+  selection distribution.
+- outputs and nnU-Net's deep-supervision convention: with deep supervision on, nnU-Net's
+  ``validation_step`` takes element 0 of the output and of the target. Element 0 of an
+  ``NMSWOutput`` is the aggregated full-size logits, so ``enable_deep_supervision = True`` with a
+  single target scale (``_get_deep_supervision_scales() == [[1, 1, 1]]``: the target list holds only
+  the full-size target) lets nnU-Net's ``train_step`` and ``validation_step`` (its online Dice) run
+  unchanged. The CNNs inside have no deep supervision; ``set_deep_supervision_enabled`` is a no-op.
 - optimiser: AdamW lr 3e-4, weight decay 1e-5, 10 % linear warm-up then cosine (paper), nnU-Net's
   gradient clipping (norm 12) and AMP on CUDA kept.
-- inference: importing this module installs :mod:`nnunet_moe.inference.nmsw_predictor` (nnU-Net
-  imports the trainer class named in the checkpoint before it builds the network, so this happens in
-  ``nnUNetv2_predict`` and in the final validation): the predictor runs NMSW (global pass + top-K
-  local patches, ``NNUNET_MOE_NMSW_K``, default 5) instead of the sliding window for NMSW networks.
+- inference: :class:`~nnunet_moe.inference.nmsw_predictor.NMSWPredictor` (global pass + top-K local
+  patches, K = ``k_infer`` = 5 unless ``NNUNET_MOE_NMSW_K`` says otherwise, no sliding window). In
+  ``nnUNetv2_predict``, ``build_network_architecture`` makes the predictor that is loading the
+  checkpoint an NMSWPredictor (after checking that the weights fit); the final validation runs
+  nnU-Net's ``perform_actual_validation`` with NMSWPredictor in place of ``nnUNetPredictor`` for that
+  call. No process-wide patch (that module explains the mechanism and why).
 
 Deviations: the global input is one fixed size (from the plans' median volume), so a volume much
 larger or smaller than the median is downsampled by more or less than 3x. A volume that fits in one
@@ -48,28 +58,24 @@ large (``nnunet-moe benchmark --untrained nnUNetTrainerNMSW --modes nmsw sliding
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from typing import Optional, Sequence, Tuple
 
 import torch
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
-from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss, get_tp_fp_fn_tn
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
 
-from nnunet_moe.inference.nmsw_predictor import DEFAULT_K, install, register_nmsw_trainer
+from nnunet_moe.inference.nmsw_predictor import (DEFAULT_K, adopt_loading_predictor, register_nmsw_trainer,
+                                                 validation_predictors)
 from nnunet_moe.networks.nmsw import ENTROPY_WEIGHT, NMSWNet, NMSWOutput, selection_entropy
 from nnunet_moe.networks.nmsw_plans import build_default_nmsw_from_plans, downsampled_size, stride_divisor
 from nnunet_moe.networks.unwrap import unwrap_network
 from nnunet_moe.training.base import nnUNetMoETrainerBase
-
-install()  # nnUNetv2_predict / final validation: NMSW networks never take the sliding window
 
 
 def full_size_for(median_size: Sequence[float], patch_size: Sequence[int], overlap: float = 0.5) -> Tuple[int, ...]:
@@ -88,6 +94,40 @@ def full_size_for(median_size: Sequence[float], patch_size: Sequence[int], overl
     return tuple(full)
 
 
+class NMSWLoss(nn.Module):
+    """Paper Eq. 7 on an :class:`NMSWOutput`: ``L(high) + L(low) + mean_k L(patch_k) - lambda * H(p(z|x_low))``.
+
+    ``term`` is one Dice+CE loss. ``target`` is the full-size segmentation ``(B, C', *S)`` matching
+    ``output.logits`` (label map or region one-hot), or nnU-Net's deep-supervision list whose element 0
+    it is; the low-resolution and patch targets come from the network's own ``resize_to_global`` and
+    ``crop_patches`` (kept as bound methods: the network is not a submodule of the loss).
+    """
+
+    def __init__(self, term: nn.Module, network: NMSWNet, entropy_weight: float = ENTROPY_WEIGHT):
+        super().__init__()
+        self.term = term
+        self.resize_to_global, self.crop_patches = network.resize_to_global, network.crop_patches
+        self.entropy_weight = float(entropy_weight)
+
+    def terms(self, output: NMSWOutput, target) -> Tuple[torch.Tensor, dict]:
+        """The total and its parts (detached floats: high, low, local, entropy)."""
+        if isinstance(target, (list, tuple)):
+            target = target[0]
+        high = self.term(output.logits, target)
+        low = self.term(output.global_logits_low, self.resize_to_global(target, is_label=True))
+        patch_target = self.crop_patches(target, output.cell_indices)  # (B, K, C', *patch)
+        # flattened: every patch is one sample, so (per-sample Dice, voxel-mean CE) = mean over patches
+        local = self.term(output.local_logits.flatten(0, 1), patch_target.flatten(0, 1))
+        entropy = selection_entropy(output.objectness.float())
+        total = high + low + local - self.entropy_weight * entropy
+        parts = {"high": float(high.detach()), "low": float(low.detach()), "local": float(local.detach()),
+                 "entropy": float(entropy.detach())}
+        return total, parts
+
+    def forward(self, output: NMSWOutput, target) -> torch.Tensor:
+        return self.terms(output, target)[0]
+
+
 class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
     paper = "No More Sliding Window: differentiable top-K patch sampling (Jeon et al.)"
     supported_configurations = ("3d_fullres",)
@@ -98,7 +138,7 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
     # NMSW settings: the paper's, where the authors' code differs the paper wins
     k_train = 3
     k_random = 1
-    k_infer = DEFAULT_K  # predict time: NNUNET_MOE_NMSW_K overrides it
+    k_infer = DEFAULT_K  # predict time: NMSWPredictor(nmsw_k=...) / NNUNET_MOE_NMSW_K override it
     tau = 2.0 / 3.0
     overlap = 0.5
     full_size: Optional[Tuple[int, ...]] = None  # None: from the plans' median image size
@@ -108,7 +148,7 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
     dice_weight = 0.8
     ce_weight = 0.2
     entropy_weight = ENTROPY_WEIGHT
-    enable_deep_supervision = False  # NMSW-Net has a single (aggregated) full-size output
+    enable_deep_supervision = True  # nnU-Net's output[0] / target[0] convention, one scale (module docstring)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -148,6 +188,7 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
                 # gradient, which DDP (no find_unused_parameters) waits for. Same training, same state dict.
                 for head in list(decoder.seg_layers)[:-1]:
                     head.requires_grad_(False)
+        adopt_loading_predictor(network, cls.__name__)  # nnUNetv2_predict: NMSW instead of the sliding window
         return network
 
     def initialize(self):
@@ -156,8 +197,12 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
             unwrap_network(self.network).mask_background = False
 
     def set_deep_supervision_enabled(self, enabled: bool):
-        """No-op: NMSW-Net has no deep supervision, and the plans' CNNs inside it must keep theirs off
-        (nnU-Net calls this around validation; its own version would look for ``network.decoder``)."""
+        """No-op: the plans' CNNs inside NMSW-Net keep their deep supervision off (nnU-Net calls this
+        around training and validation; its own version would look for ``network.decoder``)."""
+
+    def _get_deep_supervision_scales(self):
+        """One scale, full resolution: nnU-Net's target list holds only the target of ``NMSWOutput[0]``."""
+        return [[1.0] * len(self.configuration_manager.patch_size)]
 
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()
@@ -189,10 +234,28 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
         return full
 
     def nmsw_full_size(self) -> Tuple[int, ...]:
-        return self.full_size_from(self.configuration_manager, self.full_size)
+        return self.full_size_from(self._plans_configuration(), self.full_size)
+
+    @contextlib.contextmanager
+    def _sample_size(self, size: Sequence[int]):
+        """nnU-Net's data pipeline reads its sample size from ``configuration_manager.patch_size``: for the
+        block, that is ``size`` (the plans and the network keep the real patch)."""
+        plans_configuration = self.configuration_manager
+        configuration = copy.deepcopy(plans_configuration.configuration)
+        configuration["patch_size"] = [int(s) for s in size]
+        self.configuration_manager = ConfigurationManager(configuration)
+        try:
+            yield
+        finally:
+            self.configuration_manager = plans_configuration
+
+    def _plans_configuration(self):
+        return self.plans_manager.get_configuration(self.configuration_name)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        plans_configuration = self._plans_configuration()
+        with self._sample_size(plans_configuration.patch_size):  # rotation, dummy 2D, mirroring: the plans' patch
+            rotation, dummy_2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         full = self.nmsw_full_size()
         # nnU-Net's rule for the larger pre-rotation crop, applied to the full size instead of the patch
         initial = get_patch_size(full, rotation, rotation, rotation, (0.85, 1.25))
@@ -201,125 +264,35 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
         return rotation, dummy_2d, initial, mirror_axes
 
     def get_dataloaders(self):
-        if self.dataset_class is None:
-            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         full = self.nmsw_full_size()
-        rotation, dummy_2d, initial, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         self.print_to_log_file(f"NMSW: whole-volume samples of size {list(full)} (patch "
                                f"{self.configuration_manager.patch_size}, batch {self.batch_size} volume(s))")
-        regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
-        tr_transforms = self.get_training_transforms(
-            full, rotation, None, mirror_axes, dummy_2d, use_mask_for_norm=self.configuration_manager.use_mask_for_norm,
-            is_cascaded=self.is_cascaded, foreground_labels=self.label_manager.foreground_labels, regions=regions,
-            ignore_label=self.label_manager.ignore_label)
-        val_transforms = self.get_validation_transforms(None, is_cascaded=self.is_cascaded,
-                                                        foreground_labels=self.label_manager.foreground_labels,
-                                                        regions=regions, ignore_label=self.label_manager.ignore_label)
-        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        dl_tr = nnUNetDataLoader(dataset_tr, self.batch_size, initial, full, self.label_manager,
-                                 oversample_foreground_percent=self.oversample_foreground_percent,
-                                 transforms=tr_transforms, probabilistic_oversampling=self.probabilistic_oversampling)
-        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, full, full, self.label_manager,
-                                  oversample_foreground_percent=self.oversample_foreground_percent,
-                                  transforms=val_transforms, probabilistic_oversampling=self.probabilistic_oversampling)
-        processes = get_allowed_n_proc_DA()
-        if processes == 0:
-            mt_train, mt_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
-        else:
-            pin = self.device.type == "cuda"
-            mt_train = NonDetMultiThreadedAugmenter(dl_tr, None, processes, max(6, processes // 2), None, pin, 0.002)
-            mt_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, processes // 2), max(3, processes // 4), None,
-                                                  pin, 0.002)
-        _ = next(mt_train)
-        _ = next(mt_val)
-        return mt_train, mt_val
+        with self._sample_size(full):
+            return super().get_dataloaders()
 
     # ------------------------------------------------------------------ loss
     def _build_loss(self):
-        """One Dice+CE term (Dice 0.8, CE 0.2); :meth:`nmsw_loss` applies it to the three outputs."""
+        """:class:`NMSWLoss` around one Dice+CE term (Dice 0.8, CE 0.2)."""
         if self.label_manager.has_regions:
-            return DC_and_BCE_loss({}, {"batch_dice": self.configuration_manager.batch_dice, "do_bg": True,
+            term = DC_and_BCE_loss({}, {"batch_dice": self.configuration_manager.batch_dice, "do_bg": True,
                                         "smooth": 1e-5, "ddp": self.is_ddp},
                                    weight_ce=self.ce_weight, weight_dice=self.dice_weight,
                                    use_ignore_label=self.label_manager.ignore_label is not None,
                                    dice_class=MemoryEfficientSoftDiceLoss)
-        return DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False,
-                               "ddp": self.is_ddp}, {}, weight_ce=self.ce_weight, weight_dice=self.dice_weight,
-                              ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
-
-    def nmsw_loss(self, output: NMSWOutput, target: torch.Tensor) -> Tuple[torch.Tensor, dict]:
-        """Paper Eq. 7: ``L(high) + L(low) + mean_k L(patch_k) - lambda * H(p(z|x_low))``.
-
-        ``target (B, C', *S)`` is the full-size segmentation (label map or region one-hot) matching
-        ``output.logits``; the low-resolution and patch targets are derived from it with the model's
-        own resizing and cropping. Returns the total and its parts (detached floats).
-        """
-        network = unwrap_network(self.network)
-        high = self.loss(output.logits, target)
-        low = self.loss(output.global_logits_low, network.resize_to_global(target, is_label=True))
-        patch_target = network.crop_patches(target, output.cell_indices)  # (B, K, C', *patch)
-        # flattened: every patch is one sample, so (per-sample Dice, voxel-mean CE) = mean over patches
-        local = self.loss(output.local_logits.flatten(0, 1), patch_target.flatten(0, 1))
-        entropy = selection_entropy(output.objectness.float())
-        total = high + low + local - self.entropy_weight * entropy
-        parts = {"high": float(high.detach()), "low": float(low.detach()), "local": float(local.detach()),
-                 "entropy": float(entropy.detach())}
-        return total, parts
-
-    # ------------------------------------------------------------------ steps
-    def _to_device(self, batch: dict):
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        if isinstance(target, list):  # deep supervision is off: a single target is expected
-            target = target[0]
-        return data, target.to(self.device, non_blocking=True)
-
-    def train_step(self, batch: dict) -> dict:
-        data, target = self._to_device(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(data)
-            loss, _ = self.nmsw_loss(output, target)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
         else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy()}
+            term = DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
+                                   "do_bg": False, "ddp": self.is_ddp}, {}, weight_ce=self.ce_weight,
+                                  weight_dice=self.dice_weight, ignore_label=self.label_manager.ignore_label,
+                                  dice_class=MemoryEfficientSoftDiceLoss)
+        return NMSWLoss(term, unwrap_network(self.network), self.entropy_weight)
 
-    def validation_step(self, batch: dict) -> dict:
-        """Eval-mode forward (deterministic top-K), the same loss, and nnU-Net's online Dice (tp/fp/fn)
-        of the aggregated full-size output."""
-        data, target = self._to_device(batch)
-        with torch.no_grad():
-            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-                output = self.network(data)
-                loss, _ = self.nmsw_loss(output, target)
-        logits = output.logits
-        axes = [0] + list(range(2, logits.ndim))
-        if self.label_manager.has_regions:
-            predicted = (torch.sigmoid(logits) > 0.5).long()
-        else:
-            predicted = torch.zeros(logits.shape, device=logits.device, dtype=torch.float16)
-            predicted.scatter_(1, logits.argmax(1)[:, None], 1)
-        mask = None
-        if self.label_manager.has_ignore_label:
-            if not self.label_manager.has_regions:
-                mask = (target != self.label_manager.ignore_label).float()
-                target = torch.where(target == self.label_manager.ignore_label, torch.zeros_like(target), target)
-            else:
-                mask = ~target[:, -1:] if target.dtype == torch.bool else 1 - target[:, -1:]
-                target = target[:, :-1]
-        tp, fp, fn, _ = get_tp_fp_fn_tn(predicted, target, axes=axes, mask=mask)
-        tp, fp, fn = (t.detach().cpu().numpy() for t in (tp, fp, fn))
-        if not self.label_manager.has_regions:  # background Dice is not tracked (nnU-Net's convention)
-            tp, fp, fn = tp[1:], fp[1:], fn[1:]
-        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
+    # ------------------------------------------------------------------ final validation
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's, with :class:`~nnunet_moe.inference.nmsw_predictor.NMSWPredictor` as its predictor."""
+        from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module
+
+        with validation_predictors(nnunet_trainer_module):
+            super().perform_actual_validation(save_probabilities)
 
 
 register_nmsw_trainer(nnUNetTrainerNMSW.__name__)

@@ -30,7 +30,6 @@ import os
 import torch
 
 from nnunet_moe.networks.swin_smt import SwinSMT
-from nnunet_moe.networks.unwrap import unwrap_network
 from nnunet_moe.training.base import nnUNetMoETrainerBase
 
 WEIGHTS_ENV = "NNUNET_MOE_SWIN_WEIGHTS"
@@ -72,8 +71,7 @@ class nnUNetTrainerSwinSMT(nnUNetMoETrainerBase):
         if path:
             from nnunet_moe.pretrained.swin_unetr_weights import load_swin_unetr_weights
 
-            report = load_swin_unetr_weights(unwrap_network(self.network), path, verbose=False)
-            self.log_load_report(WEIGHTS_ENV, report)
+            self.load_weights_from_env(WEIGHTS_ENV, path, lambda net, p: load_swin_unetr_weights(net, p, verbose=False))
 
 
 class nnUNetTrainerSwinSMTSmall(nnUNetTrainerSwinSMT):

@@ -63,8 +63,7 @@ class nnUNetTrainerSwinUMamba(nnUNetMoETrainerBase):
             from nnunet_moe.pretrained.vmamba_weights import load_vmamba_encoder_weights, loaded_encoder_parameters
 
             network = unwrap_network(self.network)
-            report = load_vmamba_encoder_weights(network, path)
-            self.log_load_report(WEIGHTS_ENV, report)
+            report = self.load_weights_from_env(WEIGHTS_ENV, path, load_vmamba_encoder_weights)
             if self.freeze_encoder_epochs > 0:  # a resumed run gets its frozen set from the checkpoint instead
                 self.optimizer.freeze(loaded_encoder_parameters(network, report).values())
 
