@@ -47,9 +47,8 @@ RUNS = [
     dict(name="swin_umamba_d_pretrained_3d_resumed", trainer="nnUNetTrainerSwinUMambaD", configuration="3d_fullres",
          patch=P3, epochs=3, freeze=2, weights=True, interrupt_after=1),
     dict(name="nmsw_3d", trainer="nnUNetTrainerNMSW", configuration="3d_fullres", patch=P3),
+    dict(name="moe_sam_small_2d", trainer="nnUNetTrainerMoESAMSmall", configuration="2d", patch=P2),
 ]
-if os.path.isfile(os.path.join(os.path.dirname(__file__), "..", "nnunet_moe", "training", "moe_sam_trainer.py")):
-    RUNS.append(dict(name="moe_sam_small_2d", trainer="nnUNetTrainerMoESAMSmall", configuration="2d", patch=P2))
 
 
 # ----------------------------------------------------------------------------------- worker (each rank)
@@ -150,7 +149,9 @@ def _train(rank: int, run: dict, resume: bool, weights: str, checkpoint: dict | 
     names = [n for n, _ in network.named_parameters()]
     sizes = [p.numel() for p in network.parameters()]
     differing = [n for n, a, b in zip(names, mine.split(sizes), rank0.split(sizes)) if not torch.equal(a, b)]
-    loss = trainer.loss.loss if hasattr(trainer.loss, "loss") else trainer.loss  # under the DS wrapper
+    loss = trainer.loss
+    for inner in ("loss", "term"):  # nnU-Net's deep-supervision wrapper; NMSWLoss's Dice+CE term
+        loss = getattr(loss, inner, loss)
     log = ""
     if rank == 0:  # nnU-Net logs on rank 0 only
         with open(trainer.log_file) as f:

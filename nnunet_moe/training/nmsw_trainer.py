@@ -65,8 +65,6 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
-from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
-from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
@@ -272,18 +270,10 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
 
     # ------------------------------------------------------------------ loss
     def _build_loss(self):
-        """:class:`NMSWLoss` around one Dice+CE term (Dice 0.8, CE 0.2)."""
-        if self.label_manager.has_regions:
-            term = DC_and_BCE_loss({}, {"batch_dice": self.configuration_manager.batch_dice, "do_bg": True,
-                                        "smooth": 1e-5, "ddp": self.is_ddp},
-                                   weight_ce=self.ce_weight, weight_dice=self.dice_weight,
-                                   use_ignore_label=self.label_manager.ignore_label is not None,
-                                   dice_class=MemoryEfficientSoftDiceLoss)
-        else:
-            term = DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
-                                   "do_bg": False, "ddp": self.is_ddp}, {}, weight_ce=self.ce_weight,
-                                  weight_dice=self.dice_weight, ignore_label=self.label_manager.ignore_label,
-                                  dice_class=MemoryEfficientSoftDiceLoss)
+        """:class:`NMSWLoss` around nnU-Net's own Dice+CE term, reweighted (Dice 0.8, CE 0.2)."""
+        term = super()._build_loss()
+        term = getattr(term, "loss", term)  # NMSWLoss takes the one full-size target itself: no scale wrapper
+        term.weight_dice, term.weight_ce = self.dice_weight, self.ce_weight
         return NMSWLoss(term, unwrap_network(self.network), self.entropy_weight)
 
     # ------------------------------------------------------------------ final validation
