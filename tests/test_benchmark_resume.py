@@ -64,8 +64,10 @@ def _case_records(out: str) -> list:
 def _interrupted(cmd: list, out: str, sig: int, log_path: str) -> tuple:
     """Start ``cmd``, send ``sig`` once the first case record is on disk: (return code, output, records then)."""
     with open(log_path, "w") as log:
+        # SIGINT back to its default: a shell starting this test run in the background ignores it, and the
+        # command would inherit that and never see Ctrl-C
         proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.time() + 600
             while proc.poll() is None and not _case_records(out) and time.time() < deadline:
