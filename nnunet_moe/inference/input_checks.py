@@ -128,9 +128,9 @@ def _checking_class_for(cls: type) -> type:
 def adopt_loading_predictor() -> None:
     """If nnU-Net's ``initialize_from_trained_model_folder`` is loading a checkpoint further up the call stack,
     make that predictor an :class:`InputCheckingPredictor`; any other caller changes nothing."""
-    from nnunet_moe.inference.nmsw_predictor import _loading_locals
+    from nnunet_moe.inference.loading import loading_locals
 
-    names = _loading_locals()
+    names = loading_locals()
     if names is not None:
         predictor = names["self"]
         predictor.__class__ = _checking_class_for(type(predictor))

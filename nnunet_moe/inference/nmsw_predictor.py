@@ -81,7 +81,6 @@ in every ``nnUNetv2_predict`` process, the process-wide patch this module avoids
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import os
 from collections import Counter
@@ -92,6 +91,7 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.helpers import empty_cache
 
+from nnunet_moe.inference.loading import loading_locals
 from nnunet_moe.networks.nmsw import NMSWNet
 from nnunet_moe.networks.unwrap import unwrap_network
 
@@ -329,21 +329,6 @@ def _drop_adoption(predictor: NMSWPredictor) -> None:
         predictor.__class__ = original
 
 
-def _loading_locals() -> Optional[dict]:
-    """Locals of nnU-Net's ``initialize_from_trained_model_folder`` if it is on the call stack (matched by its
-    code object, so no other function qualifies), else None."""
-    code = nnUNetPredictor.__dict__["initialize_from_trained_model_folder"].__code__
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code is code and isinstance(frame.f_locals.get("self"), nnUNetPredictor):
-                return dict(frame.f_locals)
-            frame = frame.f_back
-        return None
-    finally:
-        del frame  # a frame reference would keep the callers' locals alive
-
-
 def _checkpoint_path(folder: str, use_folds, checkpoint_name: str) -> str:
     fold = use_folds if isinstance(use_folds, (str, int)) else list(use_folds)[0]
     return os.path.join(folder, f"fold_{fold}", checkpoint_name)
@@ -354,7 +339,7 @@ def adopt_loading_predictor(network: NMSWNet, trainer_name: str) -> None:
     checkpoint (``initialize_from_trained_model_folder``), check that its weights fit ``network`` and make
     that predictor an :class:`NMSWPredictor` (options from the environment unless it already is one).
     Any other caller (training, tests, untrained benchmark models) changes nothing."""
-    names = _loading_locals()
+    names = loading_locals()
     if names is None:
         return
     options = options_from_env()  # parsed before anything changes: a bad value leaves the predictor as it was
