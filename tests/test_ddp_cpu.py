@@ -48,6 +48,8 @@ RUNS = [
          patch=P3, epochs=3, freeze=2, weights=True, interrupt_after=1),
     dict(name="nmsw_3d", trainer="nnUNetTrainerNMSW", configuration="3d_fullres", patch=P3),
     dict(name="moe_sam_small_2d", trainer="nnUNetTrainerMoESAMSmall", configuration="2d", patch=P2),
+    # plain hippocampus: one modality (dense Swin-Unet MLPs); runs the partial-label loss's DDP batch-Dice gathering
+    dict(name="m4oe_2d", trainer="nnUNetTrainerM4oE", configuration="2d", patch=P2),
 ]
 
 
@@ -159,7 +161,8 @@ def _train(rank: int, run: dict, resume: bool, weights: str, checkpoint: dict | 
     return dict(steps=steps, differing_from_rank0=differing, n_params=len(names), is_ddp=trainer.is_ddp,
                 wrapped=type(trainer.network).__name__, find_unused=trainer.network.find_unused_parameters,
                 batch_size=trainer.batch_size, global_batch=trainer.configuration_manager.batch_size,
-                oversample=trainer.oversample_foreground_percent, dice_all_gather=bool(loss.dc.ddp),
+                oversample=trainer.oversample_foreground_percent,
+                dice_all_gather=bool(getattr(loss, "dc", loss).ddp),  # nnU-Net's Dice term, or our loss itself
                 train_losses=[float(x) for x in trainer.logger.get_value("train_losses", step=None)],
                 log=log, **record)
 

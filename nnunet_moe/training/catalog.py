@@ -21,6 +21,12 @@ TRAINER_MODULES: dict[str, str] = {
     "nnUNetTrainerMoESAMScratch": "nnunet_moe.training.moe_sam_trainer",
     "nnUNetTrainerMoESAM224": "nnunet_moe.training.moe_sam_trainer",
     "nnUNetTrainerMoESAMSmall": "nnunet_moe.training.moe_sam_trainer",
+    "nnUNetTrainerM4oE": "nnunet_moe.training.m4oe_trainer",
+    "nnUNetTrainerM4oESelect": "nnunet_moe.training.m4oe_trainer",
+    "nnUNetTrainerM4oEModalityGate": "nnunet_moe.training.m4oe_trainer",
+    "nnUNetTrainerM4oESmall": "nnunet_moe.training.m4oe_trainer",
+    "nnUNetTrainerM4oEPretrain": "nnunet_moe.training.m4oe_pretrain_trainer",
+    "nnUNetTrainerM4oEPretrainSmall": "nnunet_moe.training.m4oe_pretrain_trainer",
 }
 
 
