@@ -218,7 +218,8 @@ def merged_dataset_json() -> dict:
 
 def test_trainer_routes_each_case_to_its_modalitys_expert_and_saves_the_weights_file(tmp_path, monkeypatch):
     import trainer_fixtures
-    from nnunet_moe.training.m4oe_pretrain_trainer import PLANS_KEY, nnUNetTrainerM4oEPretrain
+    from nnunet_moe.training.m4oe_pretrain_trainer import nnUNetTrainerM4oEPretrain
+    from nnunet_moe.training.partial_labels import PLANS_KEY
 
     monkeypatch.setattr(trainer_fixtures, "hippocampus_dataset_json", merged_dataset_json)
     trainer = trainer_fixtures.make_trainer(nnUNetTrainerM4oEPretrain, "2d", tmp_path, monkeypatch)

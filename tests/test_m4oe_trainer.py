@@ -23,9 +23,9 @@ from nnunet_moe.datasets.metadata import MERGE_KEY
 from nnunet_moe.layers.m4oe import M4oE
 from nnunet_moe.pretrained.load_report import LoadReport
 from nnunet_moe.pretrained.m4oe_mae_weights import WEIGHTS_NAME
-from nnunet_moe.training.m4oe_trainer import (MAE_WEIGHTS_ENV, PLANS_KEY, nnUNetTrainerM4oE,
-                                              nnUNetTrainerM4oEModalityGate, nnUNetTrainerM4oESelect)
-from nnunet_moe.training.partial_labels import PartialLabelDCandCELoss
+from nnunet_moe.training.m4oe_trainer import (MAE_WEIGHTS_ENV, nnUNetTrainerM4oE, nnUNetTrainerM4oEModalityGate,
+                                              nnUNetTrainerM4oESelect)
+from nnunet_moe.training.partial_labels import PLANS_KEY, PartialLabelDCandCELoss
 
 KEYS = ["d502_hippocampus_001", "d502_hippocampus_001", "d503_hippocampus_008", "d503_hippocampus_008"]
 

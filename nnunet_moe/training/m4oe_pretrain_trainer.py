@@ -30,7 +30,6 @@ and the architecture. Stage 2: ``NNUNET_MOE_M4OE_MAE_WEIGHTS=<that file> nnUNetv
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 
 import numpy as np
@@ -43,9 +42,8 @@ from nnunet_moe.networks.unwrap import unwrap_network
 from nnunet_moe.pretrained.m4oe_mae_weights import WEIGHTS_ENV as MAE_WEIGHTS_ENV
 from nnunet_moe.training.base import nnUNetMoETrainerBase
 from nnunet_moe.training.lr_schedules import WarmupCosineLRScheduler
-from nnunet_moe.training.partial_labels import CaseAnnotations
+from nnunet_moe.training.partial_labels import CaseAnnotations, expert_modalities
 
-PLANS_KEY = "nnunet_moe_m4oe_mae"  # {"modalities": [...]}: the experts, saved with the plans
 VALIDATION_SEED = 0
 
 
@@ -69,8 +67,7 @@ class nnUNetTrainerM4oEPretrain(nnUNetMoETrainerBase):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         self.cases = CaseAnnotations(dataset_json)
-        plans = copy.deepcopy(plans)
-        plans[PLANS_KEY] = {"modalities": self.cases.modalities if self.cases.merged else []}
+        plans = self.cases.plans_with_experts(plans)
         super().__init__(plans, configuration, fold, dataset_json, device)
         # nnU-Net keeps a "best" checkpoint by EMA pseudo Dice; NaN never compares greater, so none is written
         self._best_ema = float("nan")
@@ -103,7 +100,7 @@ class nnUNetTrainerM4oEPretrain(nnUNetMoETrainerBase):
                 f"images and cannot segment, so nnUNetv2_predict cannot use it. Fine-tune it first: "
                 f"{MAE_WEIGHTS_ENV}=<its output folder>/m4oe_mae_encoder.pth nnUNetv2_train DATASET 2d FOLD -tr "
                 f"nnUNetTrainerM4oE, then predict with -tr nnUNetTrainerM4oE.")
-        modalities = plans_manager.plans.get(PLANS_KEY, {}).get("modalities", [])
+        modalities = expert_modalities(plans_manager.plans)
         return cls.network_class(num_input_channels, num_experts=len(modalities),
                                  spatial_dims=len(configuration_manager.patch_size), embed_dim=cls.embed_dim,
                                  num_heads=cls.num_heads, mask_ratio=cls.mask_ratio,
@@ -169,7 +166,7 @@ class nnUNetTrainerM4oEPretrain(nnUNetMoETrainerBase):
             from nnunet_moe.pretrained.m4oe_mae_weights import save_m4oe_mae_weights
 
             save_m4oe_mae_weights(unwrap_network(self.network), self.weights_path,
-                                  self.plans_manager.plans.get(PLANS_KEY, {}).get("modalities", []),
+                                  expert_modalities(self.plans_manager.plans),
                                   trainer=type(self).__name__, epoch=int(self.current_epoch + 1))
             if os.path.basename(filename) == "checkpoint_final.pth":
                 self.print_to_log_file(

@@ -10,7 +10,7 @@ What changes against nnU-Net's default trainer (everything else is nnU-Net's):
 - network: Swin-Unet (embed 96, depths 2/2/2/2, heads 3/6/12/24, window 7, patch 4) whose 14 block MLPs
   are M4oE layers with one expert per modality of the merge record (expert ``i`` = modality
   ``modality_order(record)[i]``, CT before MR); the list of modalities is written into the plans
-  (``PLANS_KEY``), which nnU-Net saves with the model, so the predictor rebuilds the same network. A plain
+  (``partial_labels.PLANS_KEY``), which nnU-Net saves with the model, so the predictor rebuilds the same network. A plain
   (non-merged) dataset is one modality with every case annotated for every label: one expert, i.e.
   Swin-Unet's dense MLPs (logged);
 - gate ``gate = "experts"`` (paper, Eq. 2: softmax over experts from the token itself): needs no modality,
@@ -37,7 +37,6 @@ report in the log) before fine-tuning; unset: from scratch. Ignored when resumin
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -50,9 +49,8 @@ from nnunet_moe.networks.unwrap import unwrap_network
 from nnunet_moe.pretrained import m4oe_mae_weights
 from nnunet_moe.pretrained.m4oe_mae_weights import WEIGHTS_ENV as MAE_WEIGHTS_ENV
 from nnunet_moe.training.base import nnUNetMoETrainerBase
-from nnunet_moe.training.partial_labels import CaseAnnotations, PartialLabelDCandCELoss
+from nnunet_moe.training.partial_labels import CaseAnnotations, PartialLabelDCandCELoss, expert_modalities
 
-PLANS_KEY = "nnunet_moe_m4oe"  # {"modalities": [...]}: the experts, saved with the model's plans
 
 
 class nnUNetTrainerM4oE(nnUNetMoETrainerBase):
@@ -68,8 +66,7 @@ class nnUNetTrainerM4oE(nnUNetMoETrainerBase):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         self.cases = CaseAnnotations(dataset_json)
-        plans = copy.deepcopy(plans)
-        plans[PLANS_KEY] = {"modalities": self.cases.modalities if self.cases.merged else []}
+        plans = self.cases.plans_with_experts(plans)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._partial_loss = None
         self._batch_modality = None
@@ -97,7 +94,7 @@ class nnUNetTrainerM4oE(nnUNetMoETrainerBase):
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        modalities = plans_manager.plans.get(PLANS_KEY, {}).get("modalities", [])
+        modalities = expert_modalities(plans_manager.plans)
         # The deep-supervision heads always exist, so training and inference checkpoints have the same keys.
         net = cls.network_class(num_input_channels, num_output_channels, num_experts=len(modalities), gate=cls.gate,
                                 embed_dim=cls.embed_dim, num_heads=cls.num_heads,

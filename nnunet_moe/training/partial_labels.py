@@ -32,6 +32,8 @@ each sample's modality (expert) index, from the merge record in ``dataset.json``
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.utilities.ddp_allgather import AllGatherGrad
@@ -39,9 +41,18 @@ from torch import nn
 
 from nnunet_moe.datasets.metadata import MERGE_KEY, MODALITIES, case_record, merge_metadata
 
-__all__ = ["PARTIAL_LABEL_MODES", "PartialLabelDCandCELoss", "CaseAnnotations", "modality_order"]
+__all__ = ["PARTIAL_LABEL_MODES", "PartialLabelDCandCELoss", "CaseAnnotations", "modality_order", "PLANS_KEY",
+           "expert_modalities"]
 
 PARTIAL_LABEL_MODES = ("marginal", "select")
+# {"modalities": [...]}: the experts of both M4oE stages, in the plans nnU-Net saves with the model, so that
+# its predictor (which has no merge record at hand) rebuilds the same network
+PLANS_KEY = "nnunet_moe_m4oe"
+
+
+def expert_modalities(plans: dict) -> list[str]:
+    """The modalities the M4oE experts of ``plans`` stand for, in expert order (empty: one dense MLP)."""
+    return list(plans.get(PLANS_KEY, {}).get("modalities", []))
 
 
 def modality_order(meta: dict) -> list[str]:
@@ -75,6 +86,12 @@ class CaseAnnotations:
     @property
     def num_modalities(self) -> int:
         return len(self.modalities)
+
+    def plans_with_experts(self, plans: dict) -> dict:
+        """A copy of ``plans`` recording this dataset's experts (:func:`expert_modalities` reads them back)."""
+        plans = copy.deepcopy(plans)
+        plans[PLANS_KEY] = {"modalities": self.modalities if self.merged else []}
+        return plans
 
     def _row(self, key: str):
         if key not in self._rows:
