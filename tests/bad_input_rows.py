@@ -34,6 +34,7 @@ _JUNK = f"'$FILE' {_READ} (UnpicklingError: Unsupported operand 60); expected a 
 _SWIN = "nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainerSwinSMTSmall -device cpu"
 _VMAMBA = "nnUNetv2_train 501 2d 0 -tr nnUNetTrainerSwinUMamba -device cpu"
 _SAM = "nnUNetv2_train 501 2d 0 -tr nnUNetTrainerMoESAM -device cpu"
+_M4OE = "nnUNetv2_train 501 2d 0 -tr nnUNetTrainerM4oESmall -device cpu"
 _PREDICT = "nnUNetv2_predict -i $IMAGES -o $OUT -d 501 -c 3d_fullres -f 0 -tr nnUNetTrainer_1epochs_2iters -device cpu"
 _MODEL = "3D model of nnUNetTrainer_1epochs_2iters"
 
@@ -84,6 +85,12 @@ ROWS = (
     Row("sam-weights-vit-l", f"NNUNET_MOE_SAM_WEIGHTS=$FILE {_SAM}",
         "NNUNET_MOE_SAM_WEIGHTS=$FILE: '$FILE' is a SAM ViT-L checkpoint (image encoder embed dim 1024, 24 blocks); "
         "MoE-SAM is built on SAM ViT-B (embed dim 768, 12 blocks): use sam_vit_b_01ec64.pth", "planned+sam-vit-l"),
+    Row("m4oe-mae-weights-truncated", f"NNUNET_MOE_M4OE_MAE_WEIGHTS=$FILE {_M4OE}",
+        f"NNUNET_MOE_M4OE_MAE_WEIGHTS=$FILE: {_CUT}", "planned+truncated", via="trainer"),
+    Row("m4oe-mae-weights-other-model", f"NNUNET_MOE_M4OE_MAE_WEIGHTS=$FILE {_M4OE}",
+        "NNUNET_MOE_M4OE_MAE_WEIGHTS=$FILE: '$FILE' is a VMamba checkpoint (layers.*.blocks.*), not an M4oE MAE "
+        "weights file (format marker 'nnunet_moe.m4oe_mae_encoder'). Point NNUNET_MOE_M4OE_MAE_WEIGHTS at the "
+        "m4oe_mae_encoder.pth that nnUNetTrainerM4oEPretrain writes", "planned+vmamba", via="trainer"),
     Row("trust-checkpoints-bad-value", f"NNUNET_MOE_TRUST_CHECKPOINTS=yes NNUNET_MOE_SWIN_WEIGHTS=$FILE {_SWIN}",
         "NNUNET_MOE_TRUST_CHECKPOINTS='yes' is not 0 or 1: set it to 1 to load checkpoint files that hold Python "
         "objects besides tensors (only files you trust: unpickling can run code), or unset it",
