@@ -7,6 +7,7 @@ interruption under DDP (test_ddp_cpu.py). Here, each killed once its first check
 to the end by the stock command:
 
 - NMSW-Net: selection (objectness head), global and local networks, and the optimizer state;
+- M4oE (2d): the network rebuilt from the experts recorded in the plans, and the optimizer state;
 - pretrained Swin-UMamba (2d) in a single process: the encoder frozen for 2 of 3 epochs, killed after
   epoch 0, resumed without the weights variable: epoch 1 still frozen, epoch 2 not.
 
@@ -127,3 +128,22 @@ def test_pretrained_swin_umamba_resumes_frozen_encoder_then_unfreezes(nnunet_env
     assert {steps[i] for i in frozen_index} == {float(ITERS)}
     assert {s for i, s in steps.items() if i not in frozen_index} == {float(3 * ITERS)}
     assert sum(not torch.equal(before[n], after[n]) for n in frozen) >= 0.95 * len(frozen)  # epoch 2 trained them
+
+
+def test_m4oe_resumes_its_network_and_optimizer_state(nnunet_env):
+    """M4oE's experts are rebuilt from the plans key the trainer writes (here a plain dataset: dense MLPs), so
+    the resumed process must build the same network from the same plans and continue the optimizer."""
+    from nnunet_moe.training.partial_labels import PLANS_KEY
+
+    trainer = f"nnUNetTrainerM4oESmall_3epochs_{ITERS}iters_lr1en3"
+    res = train_killed_then_resumed(nnunet_env, trainer, "2d")
+    saved, final = res["at_kill"], res["final"]
+    _resumed_from_epoch_1(res, 3)
+    assert saved["init_args"]["plans"][PLANS_KEY] == final["init_args"]["plans"][PLANS_KEY] == {"modalities": []}
+    assert set(_steps(saved).values()) == {float(ITERS)}
+    assert set(_steps(final).values()) == {float(3 * ITERS)}
+    before, after = saved["network_weights"], final["network_weights"]
+    assert before.keys() == after.keys()
+    for prefix in ("encoder.", "decoder."):
+        keys = [k for k in after if k.startswith(prefix)]
+        assert keys and any(not torch.equal(before[k], after[k]) for k in keys), prefix
