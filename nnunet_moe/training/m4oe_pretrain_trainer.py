@@ -182,8 +182,8 @@ class nnUNetTrainerM4oEPretrain(nnUNetMoETrainerBase):
 
 
 class nnUNetTrainerM4oEPretrainSmall(nnUNetTrainerM4oEPretrain):
-    """CPU-sized (embed 24): tests and demos only; its weights fit no nnUNetTrainerM4oE (embed 96), and the
-    loader says so."""
+    """CPU-sized (embed 24, heads 1/2/4/8): tests and demos only; its weights fit nnUNetTrainerM4oESmall, not
+    nnUNetTrainerM4oE (embed 96), and the loader says so."""
 
     paper = "M4oE stage 1 (Swin-MAE), embed 24: CPU-sized, tests and demos only (Jiang et al.; Xu et al.)"
     embed_dim, num_heads = 24, (1, 2, 4, 8)
