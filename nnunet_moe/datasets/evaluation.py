@@ -29,9 +29,10 @@ SUMMARY_NAME = "summary_per_source.json"
 
 
 def _dice(prediction: np.ndarray, reference: np.ndarray, value: int) -> float:
-    p, r = prediction == value, reference == value
-    tp = int(np.count_nonzero(p & r))
-    fp, fn = int(np.count_nonzero(p)) - tp, int(np.count_nonzero(r)) - tp
+    """nnU-Net's per-label Dice (its ``compute_tp_fp_fn_tn`` and ``compute_metrics`` rule)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+
+    tp, fp, fn, _ = (int(n) for n in compute_tp_fp_fn_tn(reference == value, prediction == value))
     return float("nan") if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
