@@ -304,10 +304,105 @@ def test_build_default_nmsw_from_plans():
                                        deep_supervision=False)
     net_params = sum(p.numel() for p in reference.parameters())
     head_params = sum(p.numel() for p in model.objectness_head.parameters())
-    # head: (3+1)*16*27+16 + 16*16*27+16 + 16+1 = 1744 + 6928 + 17
-    assert head_params == 8689
+    # objectness from the U-Net's last 4 decoder features ("auto"): 4*16*27+16 + 16+1 = 1744 + 17
+    assert model.objectness_source == "features" and head_params == 1761
+    logits_head = build_default_nmsw_from_plans(plans_manager, configuration, dataset_json, objectness_from="logits")
+    # head on (softmax, image): (3+1)*16*27+16 + 16*16*27+16 + 16+1 = 1744 + 6928 + 17
+    assert sum(p.numel() for p in logits_head.objectness_head.parameters()) == 8689
     assert sum(p.numel() for p in model.parameters()) == 2 * net_params + head_params + 3
     logits = model.predict(torch.randn(1, 20, 16, 18))
     assert logits.shape == (3, 20, 16, 18) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="divisible by the architecture's total stride"):
         build_default_nmsw_from_plans(plans_manager, configuration, dataset_json, global_input_size=(15, 16, 16))
+
+
+# ----------------------------------------------------------------------------- objectness source, aggregation
+def plans_unet(seed=0):
+    """The tiny PlainConvUNet of ``tiny_plans()`` as nnU-Net's get_network_from_plans builds it (no deep supervision)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    configuration = PlansManager(tiny_plans()).get_configuration("3d_fullres")
+    torch.manual_seed(seed)
+    return get_network_from_plans(configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
+                                  configuration.network_arch_init_kwargs_req_import, 1, NUM_CLASSES,
+                                  deep_supervision=False)
+
+
+def unet_model(**kwargs):
+    options = dict(num_classes=NUM_CLASSES, in_channels=1, patch_size=(16, 16, 16), global_input_size=(16, 16, 16),
+                   k_train=2, k_random=0, k_infer=2, mask_background=False)
+    options.update(kwargs)
+    return NMSWNet(plans_unet(0), tiny_net(seed=1), **options)
+
+
+def test_auto_objectness_reads_features_of_a_plans_unet_and_logits_of_a_bare_net():
+    from nnunet_moe.networks.nmsw import FeatureObjectnessHead, ObjectnessHead, penultimate_feature_layer
+
+    unet = plans_unet()
+    assert penultimate_feature_layer(unet) is unet.decoder.seg_layers[-1]
+    model = NMSWNet(unet, tiny_net(seed=1), NUM_CLASSES, 1, (16, 16, 16), (16, 16, 16))
+    assert model.objectness_source == "features" and isinstance(model.objectness_head, FeatureObjectnessHead)
+    assert model.objectness_head.layers[0].in_channels == 4  # the U-Net's last decoder stage: 4 features
+    bare = make_model()
+    assert penultimate_feature_layer(bare.global_net) is None
+    assert bare.objectness_source == "logits" and isinstance(bare.objectness_head, ObjectnessHead)
+    forced = unet_model(objectness_from="logits")
+    assert forced.objectness_source == "logits" and isinstance(forced.objectness_head, ObjectnessHead)
+
+
+def test_features_objectness_on_a_net_without_features_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"objectness_from='features' needs the global network's penultimate "
+                                         r"features, which are not reachable in a Sequential: "
+                                         r"global_net.decoder.seg_layers must be"):
+        make_model(objectness_from="features")
+    with pytest.raises(ValueError, match="objectness_from must be one of"):
+        make_model(objectness_from="softmax")
+
+
+def test_features_objectness_gradients_reach_the_global_encoder_and_decoder_through_the_selection():
+    torch.manual_seed(0)
+    model = unet_model(objectness_from="features").train()
+    out = model(torch.randn(1, 1, 32, 24, 16))  # 3 x 2 x 1 cells, 2 selected
+    assert model._feature_tap.features is None  # no tensor kept once forward returned
+    # the local logits depend on the global net only through the straight-through crop weights, i.e. the objectness
+    out.local_logits.square().mean().backward()
+    grads = {name: p.grad for name, p in model.global_net.named_parameters()}
+    for part in ("encoder.stages.0.", "encoder.stages.1.", "decoder.stages.0.", "decoder.transpconvs.0."):
+        selected = [g for name, g in grads.items() if name.startswith(part)]
+        assert selected and all(g is not None and torch.isfinite(g).all() for g in selected), part
+        assert sum(float(g.abs().sum()) for g in selected) > 0, part
+    # from the features, not the logits: the output conv (whose input the features are) gets nothing here
+    assert grads["decoder.seg_layers.0.weight"] is None
+    assert sum(float(p.grad.abs().sum()) for p in model.objectness_head.parameters()) > 0
+
+
+def test_features_objectness_predict_without_gradients_and_replaced_global_net():
+    model = unet_model()
+    with torch.no_grad():
+        out = model.eval()(torch.randn(1, 1, 32, 24, 16))
+    assert torch.isfinite(out.objectness).all() and model._feature_tap.features is None
+    assert model.predict(torch.randn(1, 20, 18, 16)).shape == (NUM_CLASSES, 20, 18, 16)
+    # the feature layer runs outside NMSW's own global pass: nothing is recorded
+    model.global_net(torch.randn(1, 1, 16, 16, 16))
+    assert model._feature_tap.features is None
+    model.global_net = plans_unet(seed=3)  # the hook sits on the network the NMSWNet was built with
+    with pytest.raises(RuntimeError, match="feature layer .* did not run"):
+        model(torch.randn(1, 1, 16, 16, 16))
+
+
+@pytest.mark.parametrize("objectness_from", ["features", "logits"])
+def test_detach_global_in_aggregation_stops_the_aggregated_loss_at_the_global_net(objectness_from):
+    # a one-cell grid: softmax over one cell has zero gradient, so the selection carries none and the blend is
+    # the only route from the aggregated output to the global net
+    def global_grad(detach):
+        model = unet_model(objectness_from=objectness_from, detach_global_in_aggregation=detach).train()
+        out = model(torch.randn(1, 1, 16, 16, 16), k=1, k_random=0)
+        out.logits.square().mean().backward()
+        return sum(float(p.grad.abs().sum()) for p in model.global_net.parameters() if p.grad is not None), out
+
+    attached, _ = global_grad(False)
+    detached, out = global_grad(True)
+    assert attached > 0
+    assert detached == 0
+    assert out.global_logits_low.requires_grad  # the low-resolution loss still trains the global net

@@ -45,6 +45,9 @@ def test_build_network_architecture_is_nmsw_of_the_planned_cnn(trainer):
     # global input: full size (20, 16, 12) / 3 rounded up to the CNN's stride 2 (paper: x3 downsampling)
     assert net.patch_size == (8, 8, 8) and net.global_input_size == (8, 6, 4)
     assert (net.topk.k, net.topk.k_random, net.k_infer) == (3, 1, 5)
+    # the trainer's NMSW options reach the network: objectness from the global U-Net's features (paper)
+    assert (net.objectness_source, net.topk.straight_through, net.detach_global_in_aggregation) == \
+        ("features", "standard", False)
     # nnU-Net's deep-supervision convention with one full-resolution scale (output[0] / target[0])
     assert trainer.enable_deep_supervision is True and trainer._get_deep_supervision_scales() == [[1.0] * 3]
     # the two nets are separate modules with identical architecture
@@ -61,10 +64,10 @@ def test_optimizer_is_adamw_with_paper_settings(trainer):
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
     assert trainer.initial_lr == pytest.approx(3e-4)
     assert trainer.optimizer.param_groups[0]["weight_decay"] == pytest.approx(1e-5)
-    warmup = int(0.1 * trainer.num_epochs)
+    warmup = int(0.2 * trainer.num_epochs)
     trainer.lr_scheduler.step(warmup // 2)
     assert trainer.optimizer.param_groups[0]["lr"] < 3e-4
-    trainer.lr_scheduler.step(warmup)  # peak after the 10 % warm-up, then cosine decay
+    trainer.lr_scheduler.step(warmup)  # peak after the 20 % warm-up, then cosine decay
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
     trainer.lr_scheduler.step(trainer.num_epochs - 1)
     assert trainer.optimizer.param_groups[0]["lr"] < 3e-5
@@ -260,3 +263,128 @@ def test_global_input_size_class_attribute_overrides_the_rule(tmp_path, monkeypa
     trainer = make_trainer(Fixed, "3d_fullres", tmp_path, monkeypatch, plans=tiny_plans())
     net = Fixed.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, NUM_CLASSES, True)
     assert net.global_input_size == (8, 8, 8)
+
+
+# ----------------------------------------------------------------------------- paper schedule and options
+def test_paper_schedule_and_a_short_schedule_name_overrides_it(trainer, tmp_path, monkeypatch):
+    from nnunet_moe.training import short_schedule
+
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.warmup_fraction) == (300, 300, 0.2)
+    assert trainer.num_val_iterations_per_epoch == 50  # nnU-Net's
+    short_cls = getattr(short_schedule, "nnUNetTrainerNMSW_2epochs_5iters")  # how nnU-Net's lookup gets it
+    short = make_trainer(short_cls, "3d_fullres", tmp_path / "short", monkeypatch, plans=tiny_plans())
+    assert (short.num_epochs, short.num_iterations_per_epoch, short.num_val_iterations_per_epoch) == (2, 5, 1)
+    epochs_only = make_trainer(getattr(short_schedule, "nnUNetTrainerNMSW_4epochs"), "3d_fullres",
+                               tmp_path / "epochs", monkeypatch, plans=tiny_plans())
+    assert (epochs_only.num_epochs, epochs_only.num_iterations_per_epoch) == (4, 300)
+
+
+def test_nmsw_options_are_class_attributes_passed_to_the_network(tmp_path, monkeypatch):
+    class Options(nnUNetTrainerNMSW):
+        objectness_from = "logits"
+        straight_through = "scaled"
+        detach_global_in_aggregation = True
+
+    trainer = make_trainer(Options, "3d_fullres", tmp_path, monkeypatch, plans=tiny_plans())
+    net = Options.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, NUM_CLASSES,
+                                             False)
+    assert (net.objectness_source, net.topk.straight_through, net.detach_global_in_aggregation) == \
+        ("logits", "scaled", True)
+
+
+# ----------------------------------------------------------------------------- backbones
+def test_nmsw_swin_smt_variant_has_a_swin_local_net_on_a_patch_valid_for_it():
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_moe.networks.swin_smt import SwinSMT
+    from nnunet_moe.training.nmsw_trainer import nnUNetTrainerNMSWSwinSMT
+    from nnunet_moe.training.swin_smt_trainer import nnUNetTrainerSwinSMTSmall
+    from trainer_fixtures import hippocampus_plans
+
+    assert nmsw_predictor.is_nmsw_trainer_name("nnUNetTrainerNMSWSwinSMT_2epochs_4iters")
+    # the NMSW patch follows the Swin trainer's rule (its prepare_plans): 40x56x40 -> multiples of 32
+    plans, note = nnUNetTrainerNMSWSwinSMT.prepare_plans(hippocampus_plans(), "3d_fullres")
+    assert plans["configurations"]["3d_fullres"]["patch_size"] == [32, 64, 32]
+    assert plans == nnUNetTrainerSwinSMTSmall.prepare_plans(hippocampus_plans(), "3d_fullres")[0]
+    assert "local network of nnUNetTrainerSwinSMTSmall" in note and "[40, 56, 40]" in note
+    configuration = PlansManager(plans).get_configuration("3d_fullres")
+    net = nnUNetTrainerNMSWSwinSMT.build_network_architecture(PlansManager(plans), configuration, 1, NUM_CLASSES,
+                                                              False)
+    assert isinstance(net.local_net, SwinSMT) and net.local_net.decoder.deep_supervision is False
+    assert isinstance(net.global_net, PlainConvUNet) and net.objectness_source == "features"
+    assert net.patch_size == (32, 64, 32) and all(p % SwinSMT.input_divisor() == 0 for p in net.patch_size)
+    assert net.local_net.num_experts == 8 and net.local_net.decoder.heads[0].conv.conv.in_channels == 24  # Small
+    # its unused deep-supervision heads are frozen (DDP), the rest trains
+    assert not any(p.requires_grad for p in net.local_net.decoder.heads.parameters())
+    assert all(p.requires_grad for p in net.local_net.swinViT.parameters())
+    # plans that did not go through its prepare_plans: a patch the Swin network cannot take
+    raw = PlansManager(hippocampus_plans())
+    with pytest.raises(ValueError, match=r"patch size \[40, 56, 40\] is not valid for the local network of "
+                                         r"nnUNetTrainerSwinSMTSmall: every axis must be a multiple of its input "
+                                         r"divisor \(32, 32, 32\)"):
+        nnUNetTrainerNMSWSwinSMT.build_network_architecture(raw, raw.get_configuration("3d_fullres"), 1,
+                                                            NUM_CLASSES, False)
+
+
+def test_global_backbone_divisor_rules_the_global_input_size(tmp_path, monkeypatch):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    configuration = PlansManager(tiny_plans()).get_configuration("3d_fullres")
+
+    class GlobalSwin(nnUNetTrainerNMSW):
+        global_backbone = "nnUNetTrainerSwinSMTSmall"
+
+    # automatic: full size (20, 16, 12) / 3 rounded up to Swin's divisor 32 (the CNN's stride 2 gave (8, 6, 4))
+    assert GlobalSwin.nmsw_global_input_size(configuration) == (32, 32, 32)
+    GlobalSwin.global_input_size = (8, 6, 4)
+    with pytest.raises(ValueError, match=r"GlobalSwin.global_input_size \(8, 6, 4\) is not valid for the global "
+                                         r"network of nnUNetTrainerSwinSMTSmall: every axis must be a multiple of its "
+                                         r"input divisor \(32, 32, 32\)"):
+        GlobalSwin.build_network_architecture(PlansManager(tiny_plans()), configuration, 1, NUM_CLASSES, False)
+
+    class OddCNN(nnUNetTrainerNMSW):
+        global_input_size = (9, 6, 4)
+
+    with pytest.raises(ValueError, match=r"\(9, 6, 4\) is not valid for the global network of the plans' CNN "
+                                         r"\(total stride\): every axis must be a multiple of its input divisor "
+                                         r"\(2, 2, 2\)"):
+        OddCNN.nmsw_global_input_size(configuration)
+
+    class Unknown(nnUNetTrainerNMSW):
+        local_backbone = "nnUNetTrainerNoSuchNet"
+
+    with pytest.raises(ValueError, match=r"Unknown.local_backbone='nnUNetTrainerNoSuchNet' is not one of our "
+                                         r"trainers \(Unknown.local_backbone names one of our trainers whose "
+                                         r"build_network_architecture makes the local network"):
+        make_trainer(Unknown, "3d_fullres", tmp_path, monkeypatch, plans=tiny_plans())
+
+    class Nested(nnUNetTrainerNMSW):
+        local_backbone = "nnUNetTrainerNMSW"
+
+    with pytest.raises(ValueError, match="is an NMSW trainer"):
+        Nested.prepare_plans(tiny_plans(), "3d_fullres")
+
+
+def test_checkpoint_of_the_other_objectness_head_is_the_predictors_clear_error(tmp_path):
+    """Objectness from features changed the keys under ``objectness_head.``: an NMSW checkpoint written with the
+    logits head (before the change, or ``objectness_from = "logits"``) does not fit the trainer's network, and
+    nnU-Net's predictor says so instead of loading it."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nmsw_fixtures import write_model_folder
+
+    class LogitsHead(nnUNetTrainerNMSW):
+        objectness_from = "logits"
+
+    plans_manager = PlansManager(tiny_plans())
+    old = LogitsHead.build_network_architecture(plans_manager, plans_manager.get_configuration("3d_fullres"), 1,
+                                                NUM_CLASSES, False)
+    assert old.objectness_source == "logits"
+    folder = write_model_folder(tmp_path, "nnUNetTrainerNMSW", "nnUNetTrainerNMSW", old.state_dict())
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    with pytest.raises(ValueError, match=r"written by trainer 'nnUNetTrainerNMSW' \(an NMSW-Net trainer\) but its "
+                                         r"weights do not fit the NMSW-Net network that trainer builds"):
+        predictor.initialize_from_trained_model_folder(folder, (0,))
+    assert not isinstance(predictor, nmsw_predictor.NMSWPredictor)

@@ -11,7 +11,8 @@ aggregation block fuses the upsampled global logits with the Gaussian-weighted p
 API (for the trainer / predictor integration)
 ---------------------------------------------
 ``NMSWNet(global_net, local_net, num_classes, in_channels, patch_size, global_input_size, k_train=3,
-k_random=1, k_infer=5, tau=2/3, overlap=0.5, blend="learned", ...)``
+k_random=1, k_infer=5, tau=2/3, overlap=0.5, blend="learned", objectness_from="auto",
+detach_global_in_aggregation=False, ...)``
 
 - ``global_net`` / ``local_net``: any ``nn.Module`` mapping ``(N, in_channels, *shape)`` to
   ``(N, num_classes, *shape)`` logits. If a net returns a list/tuple (deep supervision), element 0
@@ -48,19 +49,39 @@ k_random=1, k_infer=5, tau=2/3, overlap=0.5, blend="learned", ...)``
   ``lambda = 1e-4`` (``ENTROPY_WEIGHT``; subtracting rewards exploration).
 - Built from nnU-Net plans: :mod:`nnunet_moe.networks.nmsw_plans`.
 
-Objectness head (deviation, documented): the paper scores patches from the global backbone's
-penultimate features. Features are not generically reachable for an arbitrary ``global_net`` (a
-forward hook would tie the code to one architecture), so a small conv head (two 3x3 convs + 1x1)
-reads the softmax of the global logits concatenated with ``x_low``; gradients reach the global net
-through it. Its dense score map is averaged over each cell's exact footprint on the global grid
-(summed-area table, :func:`box_sums`) -- overlapping patches get overlapping footprints, which
-adaptive pooling to the grid shape would not reproduce. Cells whose footprint contains no
+Objectness (``objectness_from``, attribute ``objectness_source`` says which one runs):
+
+- ``"features"`` (paper and authors' code): the global network's penultimate features, i.e. the input of
+  its last 1x1 output conv, ``(B, F, *global_input_size)``, go through :class:`FeatureObjectnessHead`
+  (Conv(3) F->hidden - LeakyReLU - Conv(1) hidden->1) to a dense score map ``(B, 1, *global_input_size)``;
+  its gradient trains the global network's encoder and decoder. Reachable by construction for the U-Nets
+  of dynamic-network-architectures that nnU-Net's ``get_network_from_plans`` builds (PlainConvUNet,
+  ResidualEncoderUNet, ...; see :func:`penultimate_feature_layer` for the rule): a forward pre-hook,
+  registered once on that layer in ``__init__``, records its input during the global pass of this
+  network's own forward only (not when the layer runs elsewhere) and the reference is dropped before the
+  global stage returns, so no tensor outlives the forward. Works with and without gradients.
+- ``"logits"`` (fallback for any other global network): :class:`ObjectnessHead` on the softmax of the global
+  logits concatenated with ``x_low``; gradients reach the global net through the softmax.
+- ``"auto"`` (default): ``"features"`` where the rule finds the layer, else ``"logits"``. Asking for
+  ``"features"`` on a network without it is a ``ValueError``. The two heads have different weights, so
+  checkpoints of one do not load into the other (the state-dict keys stay under ``objectness_head.``).
+
+Either dense score map is averaged over each cell's exact footprint on the global grid (summed-area
+table, :func:`box_sums`) -- overlapping patches get overlapping footprints, which adaptive pooling to the
+grid shape would not reproduce (the authors resize the features to the patch grid first; averaging
+after the head is the same up to the head's non-linearity). Cells whose footprint contains no
 foreground in ``argmax(global_logits_low)`` get ``-background_penalty`` (1e4, not ``-inf``, so the
 softmax and entropy stay finite). This assumes softmax outputs with background at channel 0; use
 ``mask_background=False`` for region-based (sigmoid) label sets.
 
-Straight-through crops: each crop is multiplied by its selection weight (exactly 1.0 forward,
-soft-selection gradient backward), so the loss reaches the objectness scores. Only the chosen cell's
+Global logits in the aggregation: ``detach_global_in_aggregation=True`` blends ``global_logits.detach()``
+with the patches (the authors' code), so the aggregated output's loss no longer reaches the global
+network through the blend (the low-resolution loss and the objectness path still train it); default
+False (the paper's blend, gradients to both).
+
+Straight-through crops: each crop is multiplied by its selection weight (``straight_through="standard"``:
+exactly 1.0 forward, soft-selection gradient backward; ``"scaled"``: the paper's ``hard * soft``, the
+soft probability forward), so the loss reaches the objectness scores. Only the chosen cell's
 entry of the relaxed one-hot gets the crop gradient (the paper's inner product ``<z, X_patch>`` over
 all N candidate patches would need every patch cropped); the softmax spreads it to all cells.
 """
@@ -77,9 +98,14 @@ from nnunet_moe.layers.gumbel_topk import GumbelTopK, TopKSelection, gumbel_topk
 from nnunet_moe.layers.patch_aggregation import PatchAggregation
 from nnunet_moe.layers.patch_grid import PatchGrid, box_sums, pad_to_patch_size
 
-__all__ = ["NMSWNet", "NMSWOutput", "ObjectnessHead", "selection_entropy", "ENTROPY_WEIGHT", "first_output"]
+__all__ = ["NMSWNet", "NMSWOutput", "ObjectnessHead", "FeatureObjectnessHead", "penultimate_feature_layer",
+           "OBJECTNESS_SOURCES", "selection_entropy", "ENTROPY_WEIGHT", "first_output"]
 
 ENTROPY_WEIGHT = 1e-4  # paper (the authors' code uses 1e-5)
+OBJECTNESS_SOURCES = ("auto", "features", "logits")
+FEATURES_RULE = ("global_net.decoder.seg_layers must be a non-empty nn.ModuleList whose last entry is a Conv2d/Conv3d "
+                 "(the output conv of dynamic-network-architectures' U-Nets, whose input are the decoder's last "
+                 "features)")
 
 SpatialSlices = Tuple[slice, ...]
 
@@ -163,6 +189,58 @@ class ObjectnessHead(nn.Module):
                                      dim=1))
 
 
+class FeatureObjectnessHead(nn.Module):
+    """Dense objectness map from the global network's penultimate features (paper, Sec. III-B; the authors'
+    code: 1x1 convs C -> C/2 -> 1 on the features resized to the patch grid).
+
+    ``features (B, F, *g) -> (B, 1, *g)``, ``g = global_input_size``: Conv(3, F -> hidden) - LeakyReLU -
+    Conv(1, hidden -> 1). No normalisation (tiny global grids).
+    """
+
+    def __init__(self, feature_channels: int, ndim: int = 3, hidden: int = 16) -> None:
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ValueError(f"FeatureObjectnessHead supports 2 or 3 spatial axes, got ndim={ndim}")
+        if hidden <= 0 or feature_channels <= 0:
+            raise ValueError(f"feature_channels and hidden must be positive, got {feature_channels}, {hidden}")
+        conv = _conv_op(ndim)
+        self.layers = nn.Sequential(conv(feature_channels, hidden, 3, padding=1), nn.LeakyReLU(0.01),
+                                    conv(hidden, 1, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+def penultimate_feature_layer(net: nn.Module) -> Optional[nn.Module]:
+    """The module whose *input* are ``net``'s penultimate (last decoder) features, or None.
+
+    Rule (:data:`FEATURES_RULE`): ``net.decoder.seg_layers`` is a non-empty ``nn.ModuleList`` whose last entry
+    is a ``Conv2d``/``Conv3d``: the 1x1 output conv of dynamic-network-architectures' ``UNetDecoder``
+    (PlainConvUNet, ResidualEncoderUNet, ... as nnU-Net's ``get_network_from_plans`` builds them), applied to
+    the full-resolution decoder features ``(N, F, *shape)``, ``F = in_channels``, with or without deep
+    supervision. Any other network: None (no way to know which tensor its features are).
+    """
+    seg_layers = getattr(getattr(net, "decoder", None), "seg_layers", None)
+    if isinstance(seg_layers, nn.ModuleList) and len(seg_layers) > 0 and \
+            isinstance(seg_layers[-1], (nn.Conv2d, nn.Conv3d)):
+        return seg_layers[-1]
+    return None
+
+
+class _FeatureTap:
+    """Forward pre-hook that records its module's input while ``armed`` (NMSWNet arms it for its global pass
+    only and clears ``features`` right after). A plain object, not a module: no state-dict entries, and it
+    holds no reference to the NMSWNet."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.features: Optional[torch.Tensor] = None
+
+    def __call__(self, module: nn.Module, args) -> None:
+        if self.armed:
+            self.features = args[0]
+
+
 class NMSWNet(nn.Module):
     """NMSW-Net wrapper around a global and a local segmentation network (see module docstring).
 
@@ -184,7 +262,11 @@ class NMSWNet(nn.Module):
     infer_only_foreground: in :meth:`predict`, never run more local passes than foreground cells.
     noise_at_eval: add Gumbel noise in eval mode (the authors' code does; default deterministic).
     straight_through: ``"standard"`` or ``"scaled"`` (paper's ``hard * soft``), see ``gumbel_topk``.
+    objectness_from: ``"auto"`` (default: ``"features"`` where :func:`penultimate_feature_layer` finds the
+        global net's feature layer, else ``"logits"``), ``"features"`` (paper; ``ValueError`` if unreachable)
+        or ``"logits"``; see the module docstring. ``objectness_source`` is the one that runs.
     objectness_hidden: channels of the objectness head.
+    detach_global_in_aggregation: blend ``global_logits.detach()`` with the patches (authors' code).
     local_batch_size: patches per local-network call in :meth:`predict` (1 = nnU-Net's sliding-window
         batch); the K patch outputs are accumulated as they come, so memory does not grow with K.
         Training runs all K patches of the batch in one call (the loss needs them all).
@@ -195,7 +277,8 @@ class NMSWNet(nn.Module):
                  k_infer: int = 5, tau: float = 2.0 / 3.0, overlap: float = 0.5, blend: str = "learned",
                  init_global_weight: float = 0.5, mask_background: bool = True, background_penalty: float = 1e4,
                  infer_only_foreground: bool = True, noise_at_eval: bool = False,
-                 straight_through: str = "standard", objectness_hidden: int = 16, local_batch_size: int = 1) -> None:
+                 straight_through: str = "standard", objectness_hidden: int = 16, local_batch_size: int = 1,
+                 objectness_from: str = "auto", detach_global_in_aggregation: bool = False) -> None:
         super().__init__()
         self.patch_size = tuple(int(p) for p in patch_size)
         self.global_input_size = tuple(int(s) for s in global_input_size)
@@ -231,7 +314,28 @@ class NMSWNet(nn.Module):
         self.background_penalty = float(background_penalty)
         self.infer_only_foreground = bool(infer_only_foreground)
         self.local_batch_size = int(local_batch_size)
-        self.objectness_head = ObjectnessHead(self.num_classes, self.in_channels, ndim, objectness_hidden)
+        self.detach_global_in_aggregation = bool(detach_global_in_aggregation)
+        if objectness_from not in OBJECTNESS_SOURCES:
+            raise ValueError(f"objectness_from must be one of {OBJECTNESS_SOURCES}, got {objectness_from!r}")
+        feature_layer = penultimate_feature_layer(global_net) if objectness_from != "logits" else None
+        if objectness_from == "features" and feature_layer is None:
+            raise ValueError(f"objectness_from='features' needs the global network's penultimate features, which are "
+                             f"not reachable in a {type(global_net).__name__}: {FEATURES_RULE}. Use "
+                             f"objectness_from='logits' (head on the global softmax) or 'auto'.")
+        if feature_layer is not None and (not isinstance(feature_layer, _conv_op(ndim))):
+            if objectness_from == "features":
+                raise ValueError(f"objectness_from='features': the global network's output conv "
+                                 f"{type(feature_layer).__name__} does not have {ndim} spatial axes like the patch")
+            feature_layer = None
+        self.objectness_from = objectness_from
+        self.objectness_source = "features" if feature_layer is not None else "logits"
+        self._feature_tap: Optional[_FeatureTap] = None
+        if feature_layer is not None:
+            self.objectness_head = FeatureObjectnessHead(feature_layer.in_channels, ndim, objectness_hidden)
+            self._feature_tap = _FeatureTap()
+            feature_layer.register_forward_pre_hook(self._feature_tap)
+        else:
+            self.objectness_head = ObjectnessHead(self.num_classes, self.in_channels, ndim, objectness_hidden)
         self.topk = GumbelTopK(k_train, k_random, tau, k_eval=k_infer, noise_at_eval=noise_at_eval,
                                straight_through=straight_through)
         self.aggregation = PatchAggregation(self.num_classes, self.patch_size, blend=blend,
@@ -245,7 +349,8 @@ class NMSWNet(nn.Module):
     def extra_repr(self) -> str:
         return (f"patch_size={self.patch_size}, global_input_size={self.global_input_size}, "
                 f"overlap={self.overlap}, mask_background={self.mask_background}, "
-                f"infer_only_foreground={self.infer_only_foreground}")
+                f"infer_only_foreground={self.infer_only_foreground}, objectness_source={self.objectness_source!r}, "
+                f"detach_global_in_aggregation={self.detach_global_in_aggregation}")
 
     # ------------------------------------------------------------------ helpers
     def _resize(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -308,7 +413,7 @@ class NMSWNet(nn.Module):
         elif tuple(x_low.shape) != (batch, self.in_channels, *self.global_input_size):
             raise ValueError(f"x_low must have shape {(batch, self.in_channels, *self.global_input_size)} "
                              f"(B, C_in, *global_input_size), got {tuple(x_low.shape)}")
-        global_low = first_output(self.global_net(x_low))
+        global_low, features = self._global_logits_and_features(x_low)
         expected = (batch, self.num_classes, *self.global_input_size)
         if tuple(global_low.shape) != expected:
             raise ValueError(f"global_net returned shape {tuple(global_low.shape)}, expected {expected}")
@@ -318,7 +423,11 @@ class NMSWNet(nn.Module):
         grid, boxes = self._grid_and_boxes(tuple(x_padded.shape[2:]), pad_slicer, spatial)
 
         # Objectness: mean of the dense score map over each cell's footprint on the global grid.
-        score_map = self.objectness_head(global_low, x_low)
+        if self.objectness_source == "features":
+            score_map = self.objectness_head(self._resize(features, self.global_input_size))
+        else:
+            score_map = self.objectness_head(global_low, x_low)
+        del features
         box_volumes = torch.as_tensor(np.prod(boxes[..., 1] - boxes[..., 0], axis=-1), dtype=score_map.dtype,
                                       device=score_map.device)
         scores = box_sums(score_map, boxes)[:, 0] / box_volumes  # (B, G)
@@ -331,6 +440,28 @@ class NMSWNet(nn.Module):
         return _GlobalStage(x_padded, pad_slicer, global_low, global_full, global_padded, grid, scores,
                             foreground_cells)
 
+    def _global_logits_and_features(self, x_low: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``global_net(x_low)`` (element 0 of a list) and, for ``objectness_source == "features"``, the input of
+        its feature layer in this very pass (the tap is armed for the call only and emptied at once)."""
+        tap = self._feature_tap
+        if tap is None:
+            return first_output(self.global_net(x_low)), None
+        tap.armed, tap.features = True, None
+        try:
+            global_low = first_output(self.global_net(x_low))
+            features = tap.features
+        finally:
+            tap.armed, tap.features = False, None
+        if features is None:
+            raise RuntimeError("objectness from features: the global network's feature layer (decoder.seg_layers[-1] "
+                               "at construction) did not run in its forward pass; was global_net replaced after the "
+                               "NMSWNet was built? Build a new NMSWNet with the new global network.")
+        return global_low, features
+
+    def _aggregation_global(self, global_padded: torch.Tensor) -> torch.Tensor:
+        """The global logits the aggregation blends: detached if ``detach_global_in_aggregation``."""
+        return global_padded.detach() if self.detach_global_in_aggregation else global_padded
+
     def _local_logits(self, crops: torch.Tensor) -> torch.Tensor:
         """The local net on ``(P, C_in, *patch)`` crops -> ``(P, C, *patch)`` logits (highest resolution)."""
         local = first_output(self.local_net(crops))
@@ -342,14 +473,14 @@ class NMSWNet(nn.Module):
     def _local_stage(self, stage: _GlobalStage, selection: TopKSelection) -> NMSWOutput:
         batch, num_patches = selection.indices.shape
         grid = stage.grid
-        # Forward value 1.0 (standard ST); backward carries the crop gradient to the scores.
+        # Forward value 1.0 (standard ST; "scaled": the soft weight); backward carries the crop gradient to the scores.
         weights = selection.selection.gather(2, selection.indices.unsqueeze(-1)).squeeze(-1)  # (B, K)
         patch_slices = [[grid.cell_slices(i) for i in row.tolist()] for row in selection.indices]
         crops = torch.stack([stage.x_padded[(b, slice(None), *patch_slices[b][k])] *
                              weights[b, k].to(stage.x_padded.dtype)
                              for b in range(batch) for k in range(num_patches)])
         local = self._local_logits(crops).reshape(batch, num_patches, self.num_classes, *self.patch_size)
-        aggregated = self.aggregation(stage.global_padded, local, patch_slices)
+        aggregated = self.aggregation(self._aggregation_global(stage.global_padded), local, patch_slices)
         logits = aggregated[(slice(None), slice(None), *stage.pad_slicer)]
         return NMSWOutput(logits=logits, global_logits=stage.global_full, global_logits_low=stage.global_low,
                           local_logits=local, patch_slices=patch_slices, cell_indices=selection.indices,
@@ -383,7 +514,7 @@ class NMSWNet(nn.Module):
             del local, crops
         # upsampled only now: the full-size global logits are not held during the local passes
         spatial = tuple(s.stop - s.start for s in stage.pad_slicer)
-        aggregated = self._full_size_global(stage.global_low, spatial)[1]
+        aggregated = self._aggregation_global(self._full_size_global(stage.global_low, spatial)[1])
         self.aggregation.blend_sums(aggregated[box], *sums, in_place=True)  # writes into the box of aggregated
         return aggregated[(slice(None), slice(None), *stage.pad_slicer)]
 

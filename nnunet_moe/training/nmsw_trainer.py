@@ -10,11 +10,32 @@ augmentation, checkpoints, final validation, export, evaluation -- is nnU-Net's)
   (``build_default_nmsw_from_plans``, deep supervision off); the local patch is the plans' patch
   size, the global input is the whole volume resized (trilinear, inside ``forward``) to
   ``global_input_size`` (default: the full size below divided by ``global_downsampling = 3``, the
-  paper's factor, rounded up to the CNN's total stride; e.g. hippocampus 40x56x40 -> 16x24x16). Training picks ``k_train=3`` Gumbel top-K
+  paper's factor, rounded up to the global network's input divisor -- the CNN's total stride; e.g.
+  hippocampus 40x56x40 -> 16x24x16). Training picks ``k_train=3`` Gumbel top-K
   cells + ``k_random=1`` uniform cell per volume (paper: 3 + 1, the same number of patches as the
-  baseline's batch of 4); validation/inference use the deterministic top-``K``. The local network
-  can be swapped for another of our networks by overriding the classmethod
-  :meth:`nnUNetTrainerNMSW.build_local_network` in a subclass.
+  baseline's batch of 4); validation/inference use the deterministic top-``K``.
+- NMSW options, class attributes passed to :class:`~nnunet_moe.networks.nmsw.NMSWNet`:
+  ``objectness_from = "auto"`` (objectness from the global network's penultimate features, as in the
+  paper, where they are reachable -- the plans' U-Nets --, else from its logits; ``"features"`` /
+  ``"logits"`` force one), ``straight_through = "standard"`` (selected crop x exactly 1.0 forward;
+  ``"scaled"``: the paper's ``hard * soft``), ``detach_global_in_aggregation = False`` (True: the authors'
+  code, the aggregation blends detached global logits). The paper's and the authors' choices have not
+  been compared on trained models yet (unmeasured): the defaults are the paper's where it says, ours else.
+- backbones (any network one of our trainers builds): ``local_backbone`` / ``global_backbone`` name a
+  trainer of :mod:`nnunet_moe.training.catalog` (None: the plans' CNN) whose classmethod
+  ``build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
+  enable_deep_supervision=False)`` makes the local / global network. The local backbone's patch-size rule
+  holds for the NMSW patch: :meth:`prepare_plans` is that trainer's (``nnUNetMoETrainerBase.prepare_plans``:
+  the plans' patch rounded to its network's ``input_divisor()``, saved with the model), and the global
+  input size must be divisible by the global backbone's ``input_divisor()`` (the automatic size is rounded
+  up to it; an explicit ``global_input_size`` that is not is a ``ValueError`` naming value and rule). The
+  backbone's pretrained weights (its ``initialize``) are not loaded. Shipped: ``nnUNetTrainerNMSWSwinSMT``
+  (local: ``nnUNetTrainerSwinSMTSmall``'s Swin SMT, global: the plans' CNN). For one-off networks, override
+  the classmethods :meth:`nnUNetTrainerNMSW.build_local_network` / ``build_global_network``.
+- schedule (paper): ``num_epochs = 300`` epochs of ``num_iterations_per_epoch = 300`` iterations (class
+  attributes ``paper_num_epochs`` / ``paper_iterations_per_epoch``, set on the instance after nnU-Net's
+  ``__init__`` and before a short-schedule name's ``_<E>epochs_<I>iters``, which overrides them) with
+  ``warmup_fraction = 0.2`` (peak learning rate at 20 % of the epochs, the authors' code).
 - data: NMSW needs the whole volume, not a patch. nnU-Net's own ``get_dataloaders`` runs with its
   sample size (``configuration_manager.patch_size``, for that call only) set to a fixed *full size*:
   each sample is the whole preprocessed case, padded (data 0, segmentation -1 -> background,
@@ -41,8 +62,8 @@ augmentation, checkpoints, final validation, export, evaluation -- is nnU-Net's)
   single target scale (``_get_deep_supervision_scales() == [[1, 1, 1]]``: the target list holds only
   the full-size target) lets nnU-Net's ``train_step`` and ``validation_step`` (its online Dice) run
   unchanged. The CNNs inside have no deep supervision; ``set_deep_supervision_enabled`` is a no-op.
-- optimiser: AdamW lr 3e-4, weight decay 1e-5, 10 % linear warm-up then cosine (paper), nnU-Net's
-  gradient clipping (norm 12) and AMP on CUDA kept.
+- optimiser: AdamW lr 3e-4, weight decay 1e-5, 20 % linear warm-up then cosine (paper and authors' code),
+  nnU-Net's gradient clipping (norm 12) and AMP on CUDA kept.
 - inference: :class:`~nnunet_moe.inference.nmsw_predictor.NMSWPredictor` (global pass + top-K local
   patches, K = ``k_infer`` = 5 unless ``NNUNET_MOE_NMSW_K`` says otherwise, no sliding window). In
   ``nnUNetv2_predict``, ``build_network_architecture`` makes the predictor that is loading the
@@ -131,7 +152,9 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
     supported_configurations = ("3d_fullres",)
     initial_lr = 3e-4
     weight_decay = 1e-5
-    warmup_fraction = 0.1
+    warmup_fraction = 0.2  # paper / authors' code: peak learning rate at 20 % of the epochs
+    paper_num_epochs = 300  # paper: 300 epochs x 300 iterations (nnU-Net: 1000 x 250); see __init__
+    paper_iterations_per_epoch = 300
 
     # NMSW settings: the paper's, where the authors' code differs the paper wins
     k_train = 3
@@ -147,18 +170,104 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
     ce_weight = 0.2
     entropy_weight = ENTROPY_WEIGHT
     enable_deep_supervision = True  # nnU-Net's output[0] / target[0] convention, one scale (module docstring)
+    objectness_from = "auto"  # "features" (paper) where reachable, else "logits"; see NMSWNet
+    straight_through = "standard"  # or "scaled" (paper: hard * soft)
+    detach_global_in_aggregation = False  # True: authors' code
+    local_backbone: Optional[str] = None  # one of our trainers (catalog) whose network is the local net; None: CNN
+    global_backbone: Optional[str] = None  # the same for the global net
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         register_nmsw_trainer(cls.__name__)  # the predictor recognises NMSW results folders by name
 
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # nnU-Net records the constructor's arguments by name: the signature must be exactly nnU-Net's
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # nnU-Net's __init__ sets 1000 x 250; a short-schedule subclass sets its own after this
+        self.num_epochs = int(self.paper_num_epochs)
+        self.num_iterations_per_epoch = int(self.paper_iterations_per_epoch)
+
+    # ------------------------------------------------------------------ backbones
+    @classmethod
+    def backbone_trainer(cls, role: str):
+        """The trainer class named by ``local_backbone`` / ``global_backbone`` (``role`` "local" / "global"),
+        or None for the plans' CNN; ``ValueError`` for a name that is not one of our non-NMSW 3d_fullres trainers."""
+        if role not in ("local", "global"):
+            raise ValueError(f"role must be 'local' or 'global', got {role!r}")
+        name = getattr(cls, f"{role}_backbone")
+        if name is None:
+            return None
+        from nnunet_moe.training.catalog import our_trainer_class, trainer_names
+
+        backbone = our_trainer_class(name)
+        rule = (f"{cls.__name__}.{role}_backbone names one of our trainers whose build_network_architecture makes the "
+                f"{role} network")
+        if backbone is None:
+            raise ValueError(f"{cls.__name__}.{role}_backbone={name!r} is not one of our trainers ({rule}; known: "
+                             f"{', '.join(n for n in trainer_names() if 'NMSW' not in n)})")
+        if issubclass(backbone, nnUNetTrainerNMSW):
+            raise ValueError(f"{cls.__name__}.{role}_backbone={name!r} is an NMSW trainer; {rule}, not an NMSW-Net")
+        if "3d_fullres" not in backbone.supported_configurations:
+            raise ValueError(f"{cls.__name__}.{role}_backbone={name!r} supports {backbone.supported_configurations}, "
+                             f"not 3d_fullres, which NMSW runs")
+        return backbone
+
+    @classmethod
+    def backbone_divisor(cls, role: str, ndim: int, configuration_manager=None) -> Optional[Tuple[int, ...]]:
+        """Per axis, what every input size of the ``role`` network must be a multiple of: the backbone's
+        ``network_class.input_divisor()``, for the plans' CNN its total stride; None if unknown."""
+        backbone = cls.backbone_trainer(role)
+        if backbone is None:
+            if configuration_manager is None:
+                return None
+            return stride_divisor(configuration_manager.network_arch_init_kwargs, ndim)
+        network_class = getattr(backbone, "network_class", None)
+        if network_class is None or not hasattr(network_class, "input_divisor"):
+            return None
+        divisor = network_class.input_divisor()
+        divisor = (int(divisor),) * ndim if isinstance(divisor, int) else tuple(int(d) for d in divisor)
+        if len(divisor) != ndim:
+            raise ValueError(f"{backbone.__name__}: input divisor {divisor} does not have {ndim} axes")
+        return divisor
+
+    @classmethod
+    def prepare_plans(cls, plans: dict, configuration: str):
+        """The local backbone's patch-size rule (its ``prepare_plans``) for the NMSW patch; none for the CNN."""
+        backbone = cls.backbone_trainer("local")
+        if backbone is None:
+            return super().prepare_plans(plans, configuration)
+        try:
+            plans, note = backbone.prepare_plans(plans, configuration)
+        except ValueError as error:
+            raise ValueError(f"{cls.__name__} (local_backbone {backbone.__name__}): {error}") from None
+        return plans, (f"{cls.__name__} (local network of {backbone.__name__}): {note}" if note else "")
+
+    @classmethod
+    def _backbone_network(cls, role: str, plans_manager, configuration_manager, num_input_channels: int,
+                          num_output_channels: int) -> Optional[torch.nn.Module]:
+        backbone = cls.backbone_trainer(role)
+        if backbone is None:
+            return None
+        return backbone.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                   num_output_channels, enable_deep_supervision=False)
+
     # ------------------------------------------------------------------ network
     @classmethod
     def build_local_network(cls, plans_manager, configuration_manager, num_input_channels: int,
                             num_output_channels: int) -> Optional[torch.nn.Module]:
-        """Hook: the local (patch) network; None keeps the plans' CNN. It must map
-        ``(N, C_in, *patch) -> (N, C, *patch)`` (a list/tuple output uses element 0)."""
-        return None
+        """Hook: the local (patch) network; default: ``local_backbone``'s network, None (the plans' CNN) when
+        unset. It must map ``(N, C_in, *patch) -> (N, C, *patch)`` (a list/tuple output uses element 0)."""
+        return cls._backbone_network("local", plans_manager, configuration_manager, num_input_channels,
+                                     num_output_channels)
+
+    @classmethod
+    def build_global_network(cls, plans_manager, configuration_manager, num_input_channels: int,
+                             num_output_channels: int) -> Optional[torch.nn.Module]:
+        """Hook: the global network; default: ``global_backbone``'s network, None (the plans' CNN) when unset.
+        It must map ``(N, C_in, *global_input_size) -> (N, C, *global_input_size)``."""
+        return cls._backbone_network("global", plans_manager, configuration_manager, num_input_channels,
+                                     num_output_channels)
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
@@ -168,24 +277,23 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
         # (region-based sets switch background masking off at run time, see initialize / the predictor).
         dataset_json = {"channel_names": {str(i): f"channel_{i}" for i in range(int(num_input_channels))},
                         "labels": {"background": 0, **{f"class_{i}": i for i in range(1, int(num_output_channels))}}}
+        global_input_size = cls.nmsw_global_input_size(configuration_manager)
+        cls._check_local_patch(configuration_manager)
+        global_net = cls.build_global_network(plans_manager, configuration_manager, num_input_channels,
+                                              num_output_channels)
+        local_net = cls.build_local_network(plans_manager, configuration_manager, num_input_channels,
+                                            num_output_channels)
         network = build_default_nmsw_from_plans(
-            plans_manager, configuration_manager, dataset_json,
-            global_input_size=cls.nmsw_global_input_size(configuration_manager),
-            k_train=cls.k_train, k_random=cls.k_random, k_infer=cls.k_infer, tau=cls.tau, overlap=cls.overlap)
+            plans_manager, configuration_manager, dataset_json, global_input_size=global_input_size,
+            k_train=cls.k_train, k_random=cls.k_random, k_infer=cls.k_infer, tau=cls.tau, overlap=cls.overlap,
+            global_net=global_net, local_net=local_net, objectness_from=cls.objectness_from,
+            straight_through=cls.straight_through, detach_global_in_aggregation=cls.detach_global_in_aggregation)
         if network.in_channels != num_input_channels or network.num_classes != num_output_channels:
             raise ValueError(f"{cls.__name__}: NMSW network built with {network.in_channels} input channels and "
                              f"{network.num_classes} outputs, expected {num_input_channels} and {num_output_channels} "
                              f"(cascaded configurations are not supported)")
-        local = cls.build_local_network(plans_manager, configuration_manager, num_input_channels, num_output_channels)
-        if local is not None:
-            network.local_net = local
-        for cnn in (network.global_net, network.local_net):
-            decoder = getattr(cnn, "decoder", None)
-            if getattr(decoder, "deep_supervision", True) is False and hasattr(decoder, "seg_layers"):
-                # Without deep supervision the plans' CNN only uses its last head: the others never get a
-                # gradient, which DDP (no find_unused_parameters) waits for. Same training, same state dict.
-                for head in list(decoder.seg_layers)[:-1]:
-                    head.requires_grad_(False)
+        for net in (network.global_net, network.local_net):
+            _freeze_unused_heads(net)
         adopt_loading_predictor(network, cls.__name__)  # nnUNetv2_predict: NMSW instead of the sliding window
         return network
 
@@ -209,12 +317,34 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
     @classmethod
     def nmsw_global_input_size(cls, configuration_manager) -> Tuple[int, ...]:
         """Global-network input: ``global_input_size`` if set, else the full size divided by
-        ``global_downsampling`` and rounded up to the CNN's total stride (``downsampled_size``)."""
-        if cls.global_input_size is not None:
-            return tuple(int(s) for s in cls.global_input_size)
+        ``global_downsampling`` and rounded up to the global network's input divisor (``downsampled_size``;
+        the CNN's total stride or ``global_backbone``'s ``input_divisor()``). A set size that the divisor does
+        not divide is a ``ValueError``."""
         patch = tuple(int(p) for p in configuration_manager.patch_size)
-        divisor = stride_divisor(configuration_manager.network_arch_init_kwargs, len(patch))
-        return downsampled_size(cls.full_size_from(configuration_manager), cls.global_downsampling, divisor)
+        divisor = cls.backbone_divisor("global", len(patch), configuration_manager)
+        if cls.global_input_size is None:
+            return downsampled_size(cls.full_size_from(configuration_manager), cls.global_downsampling, divisor)
+        size = tuple(int(s) for s in cls.global_input_size)
+        if len(size) != len(patch) or any(s < 1 for s in size):
+            raise ValueError(f"{cls.__name__}.global_input_size {size} must have {len(patch)} positive axes")
+        if divisor is not None and any(s % d for s, d in zip(size, divisor)):
+            owner = cls.global_backbone or "the plans' CNN (total stride)"
+            raise ValueError(f"{cls.__name__}.global_input_size {size} is not valid for the global network of "
+                             f"{owner}: every axis must be a multiple of its input divisor {divisor}")
+        return size
+
+    @classmethod
+    def _check_local_patch(cls, configuration_manager) -> None:
+        """The NMSW patch must meet ``local_backbone``'s input divisor (its ``prepare_plans`` makes it so)."""
+        if cls.local_backbone is None:
+            return
+        patch = tuple(int(p) for p in configuration_manager.patch_size)
+        divisor = cls.backbone_divisor("local", len(patch))
+        if divisor is not None and any(p % d for p, d in zip(patch, divisor)):
+            raise ValueError(f"{cls.__name__}: patch size {list(patch)} is not valid for the local network of "
+                             f"{cls.local_backbone}: every axis must be a multiple of its input divisor {divisor} "
+                             f"({cls.__name__}.prepare_plans rounds the plans' patch to it; these plans were not "
+                             f"prepared by it)")
 
     # ------------------------------------------------------------------ data
     @classmethod
@@ -285,4 +415,29 @@ class nnUNetTrainerNMSW(nnUNetMoETrainerBase):
             super().perform_actual_validation(save_probabilities)
 
 
+def _freeze_unused_heads(net: nn.Module) -> None:
+    """With deep supervision off, the lower-resolution output heads never get a gradient, which DDP (no
+    ``find_unused_parameters``) waits for: freeze them (same training, same state dict). Known layouts:
+    dynamic-network-architectures' ``decoder.seg_layers[:-1]`` and our Swin networks' ``decoder.heads``."""
+    decoder = getattr(net, "decoder", None)
+    if getattr(decoder, "deep_supervision", True) is not False:
+        return
+    seg_layers = getattr(decoder, "seg_layers", None)
+    if isinstance(seg_layers, nn.ModuleList):
+        for head in list(seg_layers)[:-1]:
+            head.requires_grad_(False)
+    heads = getattr(decoder, "heads", None)
+    if isinstance(heads, nn.ModuleList):
+        heads.requires_grad_(False)
+
+
 register_nmsw_trainer(nnUNetTrainerNMSW.__name__)
+
+
+class nnUNetTrainerNMSWSwinSMT(nnUNetTrainerNMSW):
+    """NMSW-Net with a Swin SMT local network (``nnUNetTrainerSwinSMTSmall``'s: feature size 24, 8 experts;
+    the NMSW patch is the plans' patch rounded to Swin's divisor 32, e.g. 40x56x40 -> 32x64x32) and the
+    plans' CNN as the global network (objectness from its features). Class attributes only."""
+
+    paper = "NMSW (Jeon et al.) with a Swin SMT local network (CPU-sized: feature size 24, 8 experts)"
+    local_backbone = "nnUNetTrainerSwinSMTSmall"
