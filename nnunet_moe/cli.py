@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nnunet_moe.datasets.command import add_merge_parser
 
     add_merge_parser(sub)
+    from nnunet_moe.inference.merged_prediction import add_predict_merged_parser
+
+    add_predict_merged_parser(sub)
     return parser
 
 

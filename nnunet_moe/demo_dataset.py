@@ -5,22 +5,19 @@
 ``imagesTr``/``labelsTr`` (nnU-Net's 5-fold cross-validation splits them), the last
 ``num_test`` cases to ``imagesTs``/``labelsTs`` (held out, used for prediction and Dice).
 
-It never overwrites: an existing identical demo dataset is reused, anything else at the
-same dataset id is refused with a message naming the folder.
+It never overwrites (``datasets.raw_dataset.write_raw_dataset``): an existing identical demo dataset is
+reused, anything else at the same dataset id is refused with a message naming the folder.
 """
 from __future__ import annotations
 
 import glob
-import json
 import os
-import shutil
 from dataclasses import dataclass
 
-from nnunet_moe.nnunet_paths import datasets_with_id
+from nnunet_moe.datasets.raw_dataset import write_raw_dataset
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hippocampus")
 LABELS = {"background": 0, "Anterior": 1, "Posterior": 2}
-MARKER_KEY = "nnunet_moe_demo"
 # where `nnunet-moe demo` puts the data and what it trains; `nnunet-moe benchmark --demo` looks there
 DEFAULT_DATASET_ID = 501
 DEFAULT_DATASET_NAME = "Hippocampus"
@@ -68,56 +65,17 @@ def write_demo_dataset(dataset_id: int = DEFAULT_DATASET_ID, dataset_name: str =
         if num_train < 5:
             raise ValueError(f"num_train={num_train}: nnU-Net's 5-fold split needs at least 5 training cases.")
         train = train[:num_train]
-    name = f"Dataset{dataset_id:03d}_{dataset_name}"
-    folder = os.path.join(raw, name)
-    marker = {"train": train, "test": test}
-
-    others = [p for p in datasets_with_id(dataset_id) if os.path.basename(p) != name]
-    if others:
-        raise FileExistsError(
-            f"Dataset id {dataset_id} is already used by {others[0]}. nnunet-moe will not touch it: "
-            f"choose another id (e.g. `nnunet-moe demo --dataset-id {dataset_id + 1}`)."
-        )
-    ds = DemoDataset(dataset_id, name, folder, train, test)
-    if os.path.exists(folder):
-        existing = os.path.join(folder, "dataset.json")
-        try:
-            with open(existing) as f:
-                same = json.load(f).get(MARKER_KEY) == marker
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            raise FileExistsError(
-                f"{folder} exists and is not this nnunet-moe demo dataset (its dataset.json differs). "
-                f"Nothing was changed. Choose another id with --dataset-id or another name with --dataset-name."
-            )
-        log(f"Reusing the demo dataset at {folder}")
-        return ds
-
-    tmp = folder + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished write
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        os.makedirs(os.path.join(tmp, sub))
-    for split, ids in (("Tr", train), ("Ts", test)):
-        for case in ids:
-            shutil.copyfile(os.path.join(DATA_DIR, "images", case + ".nii.gz"),
-                            os.path.join(tmp, f"images{split}", case + "_0000.nii.gz"))
-            shutil.copyfile(os.path.join(DATA_DIR, "labels", case + ".nii.gz"),
-                            os.path.join(tmp, f"labels{split}", case + ".nii.gz"))
-    dataset_json = {
-        "channel_names": {"0": "MRI"},
-        "labels": LABELS,
-        "numTraining": len(train),
-        "file_ending": ".nii.gz",
+    pairs = {c: (os.path.join(DATA_DIR, "images", c + ".nii.gz"), os.path.join(DATA_DIR, "labels", c + ".nii.gz"))
+             for c in cases}
+    extra = {
         "name": "Hippocampus (MSD Task04 subset, nnunet-moe demo)",
         "licence": "CC BY-SA 4.0",
         "reference": "Simpson et al. 2019 (arXiv:1902.09063); Antonelli et al., Nat. Commun. 13, 4128 (2022)",
         "description": "Real MRI cases bundled with nnunet-moe; imagesTs/labelsTs are held out for the demo.",
-        MARKER_KEY: marker,
     }
-    with open(os.path.join(tmp, "dataset.json"), "w") as f:
-        json.dump(dataset_json, f, indent=2)
-    shutil.copyfile(os.path.join(DATA_DIR, "SOURCE.md"), os.path.join(tmp, "SOURCE.md"))
-    os.rename(tmp, folder)
-    log(f"Wrote {len(train)} training and {len(test)} held-out real hippocampus MRI cases to {folder}")
-    return ds
+    folder = write_raw_dataset(dataset_id, dataset_name, pairs, train, test, {"0": "MRI"}, LABELS,
+                               {"train": train, "test": test}, extra=extra,
+                               source_md=os.path.join(DATA_DIR, "SOURCE.md"), what="nnunet-moe demo dataset",
+                               other_id_hint="nnunet-moe demo --dataset-id",
+                               cases_phrase="real hippocampus MRI cases", log=log)
+    return DemoDataset(dataset_id, f"Dataset{dataset_id:03d}_{dataset_name}", folder, train, test)

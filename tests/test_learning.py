@@ -55,6 +55,9 @@ STAND_INS = {
     "nnUNetTrainerM4oESelect": "nnUNetTrainerM4oE",
     "nnUNetTrainerM4oEModalityGate": "nnUNetTrainerM4oE",
     "nnUNetTrainerM4oESmall": "nnUNetTrainerM4oE",
+    "nnUNetTrainerM4oESelectSmall": "nnUNetTrainerM4oE",
+    # the same NMSW network code and loss; its local network is nnUNetTrainerSwinSMTSmall's (learning-tested)
+    "nnUNetTrainerNMSWSwinSMT": "nnUNetTrainerNMSW",
 }
 
 # Trainers that do not segment (class attribute ``learning_check = "reconstruction"``, e.g. MAE pretraining):
@@ -190,7 +193,7 @@ def fixed_mask_loss(trainer, data: torch.Tensor) -> float:
     """The trainer's reconstruction loss on ``data`` with the same (seeded) masks every time, eval mode."""
     trainer.network.eval()
     with torch.no_grad():
-        loss = float(trainer._reconstruction_loss({"data": data}, torch.Generator().manual_seed(0)))
+        loss = float(trainer.network(data, generator=torch.Generator().manual_seed(0)).loss)
     trainer.network.train()
     return loss
 
@@ -201,7 +204,7 @@ def reconstruct_fixed_batch(trainer, steps: int = RECONSTRUCTION_STEPS):
     before = fixed_mask_loss(trainer, data)
     start = time.time()
     for _ in range(steps):
-        trainer.train_step({"data": data, "target": None})
+        trainer.train_step({"data": data, "target": torch.zeros_like(data)})  # nnU-Net's step moves a target
     return before, fixed_mask_loss(trainer, data), (time.time() - start) / steps
 
 

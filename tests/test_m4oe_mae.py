@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from nnunet_moe.datasets.metadata import MERGE_KEY
+from nnunet_moe.layers.m4oe import M4oE
 from nnunet_moe.layers.window_masking import WindowMasking
 from nnunet_moe.networks.m4oe import M4oESwinUnet
 from nnunet_moe.networks.m4oe_mae import M4oEMAE, masked_patch_mse, patchify
 from nnunet_moe.pretrained.m4oe_mae_weights import load_m4oe_mae_weights, save_m4oe_mae_weights
+from nnunet_moe.training.m4oe_pretrain_trainer import MaskedReconstructionLoss
 from trainer_fixtures import hippocampus_dataset_json, hippocampus_plans
 
 TINY = dict(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
@@ -219,20 +221,32 @@ def merged_dataset_json() -> dict:
 def test_trainer_routes_each_case_to_its_modalitys_expert_and_saves_the_weights_file(tmp_path, monkeypatch):
     import trainer_fixtures
     from nnunet_moe.training.m4oe_pretrain_trainer import nnUNetTrainerM4oEPretrain
-    from nnunet_moe.training.partial_labels import PLANS_KEY
+    from nnunet_moe.datasets.metadata import PLANS_KEY
 
     monkeypatch.setattr(trainer_fixtures, "hippocampus_dataset_json", merged_dataset_json)
     trainer = trainer_fixtures.make_trainer(nnUNetTrainerM4oEPretrain, "2d", tmp_path, monkeypatch)
     assert trainer.plans_manager.plans[PLANS_KEY] == {"modalities": ["CT", "MR"]}
-    assert trainer.configuration_manager.patch_size == [64, 32] and trainer._build_loss() is None
+    assert trainer.configuration_manager.patch_size == [64, 32]
+    assert isinstance(trainer._build_loss(), MaskedReconstructionLoss)
     trainer.network = tiny_mae()
     trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
-    assert trainer.optimizer.defaults["betas"] == (0.9, 0.95) and trainer.optimizer.defaults["weight_decay"] == 0.05
+    trainer.loss = trainer._build_loss()  # what nnU-Net's initialize sets
+    assert trainer.optimizer.defaults["betas"] == (0.9, 0.95)
+    # MAE's groups: weight decay 0.05 on the weight matrices, none on biases and norm weights (1-d tensors)
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    named = dict(trainer.network.named_parameters())
+    assert {decay[id(p)] for n, p in named.items() if p.ndim <= 1 or n.endswith(".bias")} == {0.0}
+    assert {decay[id(p)] for n, p in named.items() if p.ndim > 1 and not n.endswith(".bias")} == {0.05}
+    assert len(decay) == len(named)
     seen = []
-    trainer.network.register_forward_pre_hook(lambda module, args: seen.append(args[1].tolist()))
-    batch = {"data": torch.randn(3, 1, 32, 32), "target": None, "keys": ["d502_x", "d501_y", "d502_x"]}
+    layer = next(m for m in trainer.network.modules() if isinstance(m, M4oE))
+    layer.register_forward_pre_hook(lambda module, args: seen.append(args[1].tolist()))
+    batch = {"data": torch.randn(3, 1, 32, 32), "target": torch.zeros(3, 1, 32, 32),
+             "keys": ["d502_x", "d501_y", "d502_x"]}
     assert np.isfinite(trainer.train_step(batch)["loss"])
     assert seen == [[1, 0, 1]]  # MR is expert 1, CT expert 0 (the fixed order nnUNetTrainerM4oE uses too)
+    val = trainer.validation_step(dict(batch, keys=["d501_y"] * 3))["loss"]
+    assert np.isfinite(val) and seen[-1] == [0, 0, 0]
     os.makedirs(trainer.output_folder, exist_ok=True)
     trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
     report = load_m4oe_mae_weights(tiny_unet(), trainer.weights_path, modalities=["CT", "MR"])

@@ -208,3 +208,23 @@ def test_bad_configuration():
     with pytest.raises(ValueError, match="num_experts must be an integer >= 0"):
         tiny(num_experts=-1)
     assert isinstance(tiny(num_experts=2).moe_layers()["decoder.stages.2.blocks.1.mlp"], M4oE)
+
+
+def test_modality_keyword_hands_the_modality_to_plain_calls_and_goes_away():
+    from nnunet_moe.networks.modality_keyword import ModalityKeyword
+
+    class Echo(torch.nn.Module):
+        def forward(self, x, modality=None):
+            return modality
+
+    net = Echo()
+    keyword = ModalityKeyword(net)
+    keyword.set(None)
+    assert net(torch.zeros(2, 1)) is None and not net._forward_pre_hooks  # no hook until a modality is set
+    keyword.set(1)
+    assert net(torch.zeros(3, 1)).tolist() == [1, 1, 1]  # one index: every sample of any batch
+    keyword.set(torch.tensor([0, 1]))
+    assert net(torch.zeros(2, 1)).tolist() == [0, 1]
+    assert net(torch.zeros(2, 1), modality="given") == "given"  # an explicit modality wins
+    keyword.remove()
+    assert net(torch.zeros(2, 1)) is None and not net._forward_pre_hooks

@@ -133,7 +133,7 @@ def test_pretrained_swin_umamba_resumes_frozen_encoder_then_unfreezes(nnunet_env
 def test_m4oe_resumes_its_network_and_optimizer_state(nnunet_env):
     """M4oE's experts are rebuilt from the plans key the trainer writes (here a plain dataset: dense MLPs), so
     the resumed process must build the same network from the same plans and continue the optimizer."""
-    from nnunet_moe.training.partial_labels import PLANS_KEY
+    from nnunet_moe.datasets.metadata import PLANS_KEY
 
     trainer = f"nnUNetTrainerM4oESmall_3epochs_{ITERS}iters_lr1en3"
     res = train_killed_then_resumed(nnunet_env, trainer, "2d")

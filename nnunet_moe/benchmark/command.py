@@ -40,6 +40,10 @@ What is measured, per case:
 * Dice, HD95 (mm), NSD (``--nsd-tolerance`` mm) per foreground label or region:
   ``metrics.case_metrics_from_files`` on the written prediction, means over cases.
 
+* Dice per source dataset, on a merged dataset (``nnunet-moe merge-datasets``): every case is also scored on
+  only the labels its source annotates (``datasets.evaluation``), one table per model and mode in
+  ``per_source.md`` and ``per_source.json``; the main tables score every case on every label.
+
 * resident memory (``--memory-growth``): the process's RSS after every case and its peak during the case
   (``cost.PeakMemory(kind="rss")``), and the C heap in use after it (``cost.heap_in_use_bytes``); a table
   per model and mode shows whether they grow from case to case (``report.memory_growth_table``), also in
@@ -75,6 +79,7 @@ from nnunet_moe.benchmark.models import (DEFAULT_CHECKPOINT, DEFAULT_PLANS, chec
 from nnunet_moe.benchmark.modes import AUTO_MODE, MODES, check_modes
 from nnunet_moe.benchmark.runner import run_models
 from nnunet_moe.benchmark.untrained import plan_cases, untrained_model
+from nnunet_moe.datasets.metadata import MERGE_KEY
 from nnunet_moe.demo_dataset import DEFAULT_CONFIGURATION, DEFAULT_DATASET_ID
 from nnunet_moe.folders import free_folder
 
@@ -169,6 +174,9 @@ def benchmark(dataset, configuration: str, trainers: list, fold, plans: str = DE
             raise RuntimeError("no model could be evaluated:\n  " + "\n  ".join(setup.problems))
         paths = _write_outputs(rows, per_case, setup.problems,
                                {**settings, "reference_dataset_json": setup.reference_path}, out_dir, title, log)
+        if MERGE_KEY in reference:
+            paths.update(_per_source_outputs(per_case, reference, {m.name for m in setup.models if m.scored},
+                                             out_dir, title, log))
         journal.finish()
     return BenchmarkResult(rows, out_dir, paths, setup.problems, per_case)
 
@@ -308,6 +316,30 @@ def _write_outputs(rows, per_case, problems, settings, out_dir, title, log) -> d
             log(f"  - {message}")
     log(f"Report: {paths['markdown']}\nCSV: {paths['csv']}\nJSON: {paths['json']}\nPlot: {paths['png']}\n"
         f"Per case: {paths['per_case']}")
+    return paths
+
+
+def _per_source_outputs(per_case, reference, scored, out_dir, title, log) -> dict:
+    """Dice per source of every scored model and mode (the cases' benchmark Dice, sorted by source)."""
+    from nnunet_moe.benchmark.journal import write_json_atomic
+    from nnunet_moe.datasets.evaluation import per_source_dice, per_source_markdown
+
+    groups = {}
+    for record in per_case:
+        if record["model"] in scored:
+            groups.setdefault(f"{record['model']} ({record['mode']})", {})[record["case"]] = {
+                int(label): value["dice"] for label, value in record["metrics"].items()}
+    if not groups:
+        return {}
+    summaries = {key: per_source_dice(cases, reference) for key, cases in groups.items()}
+    table = per_source_markdown(summaries)
+    paths = {"per_source": os.path.join(out_dir, "per_source.md"),
+             "per_source_json": os.path.join(out_dir, "per_source.json")}
+    with open(paths["per_source"], "w") as f:
+        f.write(f"# Dice per source dataset, each case on its source's labels only: {title}\n\n{table}\n")
+    write_json_atomic(paths["per_source_json"], summaries)
+    log(f"Dice per source dataset (each case scored only on the labels its source annotates):\n\n{table}\n"
+        f"Per source: {paths['per_source']}")
     return paths
 
 

@@ -29,6 +29,7 @@ import shutil
 import statistics
 import time
 
+from nnunet_moe.benchmark.journal import write_json_atomic
 from nnunet_moe.demo_dataset import DEFAULT_DATASET_ID, DEFAULT_DATASET_NAME, write_demo_dataset
 from nnunet_moe.nnunet_paths import set_default_paths
 from nnunet_moe.stock_pipeline import ensure_plans, evaluate_folder, predict_folder, train_or_reuse, training_env
@@ -46,6 +47,7 @@ DEFAULT_RUNS = (
     ("2d", "nnUNetTrainerAdam1en3", 8, (None,)),
     ("2d", "nnUNetTrainerSwinUMambaScratch", 8, (None, 1e-3)),  # paper 1e-4
     ("2d", "nnUNetTrainerMoESAMSmall", 8, (None, 1e-3)),  # ours 5e-4 (paper: pretrained SAM)
+    ("2d", "nnUNetTrainerM4oESmall", 8, (None, 1e-3)),  # ours 1e-4 (not given in the paper); one expert here
 )
 
 
@@ -143,15 +145,6 @@ def plot(rows: list, path: str) -> None:
     plt.close(fig)
 
 
-def _write_json(path: str, rows: list) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nnunet_moe.benchmark.convergence", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="nnunet_moe_convergence", help="work folder (nnU-Net folders, results)")
@@ -173,7 +166,7 @@ def main(argv=None) -> int:
             row = run_one(ds, configuration, trainer, results, args.device)
             row["repeat"] = repeat
             rows.append(row)
-            _write_json(json_path, rows)
+            write_json_atomic(json_path, rows)
             print(markdown(rows), flush=True)
     table = markdown(rows)
     with open(os.path.join(out, "convergence.md"), "w") as f:

@@ -51,3 +51,20 @@ def case_record(meta: dict, case: str) -> dict:
     raise ValueError(f"Case '{case}' is not in this merged dataset, so its source and modality are unknown. Its cases "
                    f"are named <source>_<case> with the sources {prefixes}; merge its dataset in with "
                    f"`nnunet-moe merge-datasets` (and retrain), or give a case of one of these sources.")
+
+
+# {"modalities": [...]}: the experts of both M4oE stages, in the plans nnU-Net saves with the model, so that
+# its predictor (which has no merge record at hand) rebuilds the same network
+PLANS_KEY = "nnunet_moe_m4oe"
+
+
+def expert_modalities(plans: dict) -> list[str]:
+    """The modalities the M4oE experts of ``plans`` stand for, in expert order (empty: one dense MLP)."""
+    return list(plans.get(PLANS_KEY, {}).get("modalities", []))
+
+
+def modality_order(meta: dict) -> list[str]:
+    """The merged dataset's modalities in expert order: expert ``i`` is ``modality_order(meta)[i]``
+    (fixed order ``MODALITIES``, not source order, so re-merging in another order keeps the experts)."""
+    present = {s["modality"] for s in meta["sources"].values()}
+    return [m for m in MODALITIES if m in present]

@@ -17,6 +17,7 @@ TRAINER_MODULES: dict[str, str] = {
     "nnUNetTrainerSwinUMambaD": "nnunet_moe.training.swin_umamba_trainer",
     "nnUNetTrainerSwinUMambaDScratch": "nnunet_moe.training.swin_umamba_trainer",
     "nnUNetTrainerNMSW": "nnunet_moe.training.nmsw_trainer",
+    "nnUNetTrainerNMSWSwinSMT": "nnunet_moe.training.nmsw_trainer",
     "nnUNetTrainerMoESAM": "nnunet_moe.training.moe_sam_trainer",
     "nnUNetTrainerMoESAMScratch": "nnunet_moe.training.moe_sam_trainer",
     "nnUNetTrainerMoESAM224": "nnunet_moe.training.moe_sam_trainer",
@@ -25,6 +26,7 @@ TRAINER_MODULES: dict[str, str] = {
     "nnUNetTrainerM4oESelect": "nnunet_moe.training.m4oe_trainer",
     "nnUNetTrainerM4oEModalityGate": "nnunet_moe.training.m4oe_trainer",
     "nnUNetTrainerM4oESmall": "nnunet_moe.training.m4oe_trainer",
+    "nnUNetTrainerM4oESelectSmall": "nnunet_moe.training.m4oe_trainer",
     "nnUNetTrainerM4oEPretrain": "nnunet_moe.training.m4oe_pretrain_trainer",
     "nnUNetTrainerM4oEPretrainSmall": "nnunet_moe.training.m4oe_pretrain_trainer",
 }

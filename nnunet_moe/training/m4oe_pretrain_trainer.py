@@ -14,9 +14,13 @@ What changes against nnU-Net's default trainer (data, sampling, augmentation, ch
 - task: 75 % of the 4x4-token windows replaced by a learned mask token, loss = MSE of the pixel patches,
   on the masked patches only (``norm_pix_loss`` off: module docstring of the network). The labels nnU-Net
   loads with the images are not used; nnU-Net's Dice+CE and deep supervision do not apply;
-- optimiser: AdamW lr 1e-3, betas 0.9/0.95, weight decay 0.05 (Swin-MAE), linear warm-up over 10/400 of
-  the epochs (Swin-MAE: 10 of 400), then cosine; nnU-Net's epochs (1000 x 250 iterations unless a short
-  schedule says otherwise) and gradient clipping (norm 12);
+- steps: nnU-Net's own ``train_step`` (AMP, gradient clipping at norm 12) with the reconstruction loss as
+  its ``self.loss`` (:class:`MaskedReconstructionLoss`, which ignores the labels), each batch's modality
+  handed to the network by :class:`~nnunet_moe.networks.modality_keyword.ModalityKeyword`;
+- optimiser: AdamW lr 1e-3, betas 0.9/0.95, weight decay 0.05 (Swin-MAE) except on biases and norm
+  weights (MAE's parameter groups, timm's ``param_groups_weight_decay``), linear warm-up over 10/400 of the
+  epochs (Swin-MAE: 10 of 400), then cosine; nnU-Net's epochs (1000 x 250 iterations unless a short
+  schedule says otherwise);
 - validation: the reconstruction loss on nnU-Net's validation batches, with the same masks every epoch
   (seeded) so epochs compare; no pseudo Dice, no ``checkpoint_best.pth`` (there is no Dice to rank by);
   the final validation (segmentation export) is skipped with a log line, and ``nnUNetv2_predict`` with a
@@ -38,13 +42,23 @@ from torch import distributed as dist
 from torch import autocast
 
 from nnunet_moe.networks.m4oe_mae import M4oEMAE
+from nnunet_moe.networks.modality_keyword import ModalityKeyword
 from nnunet_moe.networks.unwrap import unwrap_network
 from nnunet_moe.pretrained.m4oe_mae_weights import WEIGHTS_ENV as MAE_WEIGHTS_ENV
 from nnunet_moe.training.base import nnUNetMoETrainerBase
 from nnunet_moe.training.lr_schedules import WarmupCosineLRScheduler
-from nnunet_moe.training.partial_labels import CaseAnnotations, expert_modalities
+from nnunet_moe.datasets.metadata import expert_modalities
+from nnunet_moe.training.partial_labels import CaseAnnotations
 
 VALIDATION_SEED = 0
+
+
+class MaskedReconstructionLoss(torch.nn.Module):
+    """``self.loss(output, target)`` of nnU-Net's ``train_step`` for the MAE: the network's own MSE over the
+    masked patches (``MAEOutput.loss``, Xu et al. 2023); ``target`` (nnU-Net's labels) is not used."""
+
+    def forward(self, output, target=None) -> torch.Tensor:
+        return output.loss
 
 
 class nnUNetTrainerM4oEPretrain(nnUNetMoETrainerBase):
@@ -72,6 +86,7 @@ class nnUNetTrainerM4oEPretrain(nnUNetMoETrainerBase):
         # nnU-Net keeps a "best" checkpoint by EMA pseudo Dice; NaN never compares greater, so none is written
         self._best_ema = float("nan")
         self._val_generator = None
+        self._modality = None  # networks.modality_keyword.ModalityKeyword, made with the network
         self.print_to_log_file(self._describe(), also_print_to_console=True)
 
     def _describe(self) -> str:
@@ -108,37 +123,26 @@ class nnUNetTrainerM4oEPretrain(nnUNetMoETrainerBase):
                                  norm_pix_loss=cls.norm_pix_loss)
 
     def _build_loss(self):
-        return None  # the loss is the network's own (masked-patch MSE); nothing may use nnU-Net's Dice+CE here
+        return MaskedReconstructionLoss()  # not nnU-Net's Dice+CE: the labels do not take part
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, betas=self.betas,
-                                      weight_decay=self.weight_decay, eps=self.adam_eps)
+        from timm.optim import param_groups_weight_decay
+
+        groups = param_groups_weight_decay(self.network, self.weight_decay)  # 1-d tensors and biases: no decay
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=self.betas, eps=self.adam_eps)
         warmup = int(round(self.warmup_fraction * self.num_epochs))
         return optimizer, WarmupCosineLRScheduler(optimizer, self.initial_lr, self.num_epochs, warmup)
 
     # -- steps ---------------------------------------------------------------------------------------------
-    def _reconstruction_loss(self, batch: dict, generator=None) -> torch.Tensor:
-        data = batch["data"].to(self.device, non_blocking=True)
-        modality = self.cases.modality(batch.get("keys"))  # None for a plain dataset
-        if modality is not None:
-            modality = modality.to(self.device)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else contextlib.nullcontext():
-            return self.network(data, modality, generator).loss
+    def _set_modality(self, batch: dict) -> None:
+        # nnU-Net's steps call network(data): each sample's modality (None for a plain dataset) as a keyword
+        if self._modality is None:
+            self._modality = ModalityKeyword(self.network)
+        self._modality.set(self.cases.modality(batch.get("keys")))
 
     def train_step(self, batch: dict) -> dict:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._reconstruction_loss(batch)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy()}
+        self._set_modality(batch)
+        return super().train_step(batch)
 
     def on_validation_epoch_start(self):
         super().on_validation_epoch_start()
@@ -146,7 +150,12 @@ class nnUNetTrainerM4oEPretrain(nnUNetMoETrainerBase):
         self._val_generator = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + self.local_rank)
 
     def validation_step(self, batch: dict) -> dict:
-        return {"loss": self._reconstruction_loss(batch, self._val_generator).detach().cpu().numpy()}
+        self._set_modality(batch)
+        data = batch["data"].to(self.device, non_blocking=True)
+        with torch.no_grad(), (autocast(self.device.type, enabled=True) if self.device.type == "cuda"
+                               else contextlib.nullcontext()):
+            loss = self.network(data, generator=self._val_generator).loss
+        return {"loss": loss.detach().cpu().numpy()}
 
     def on_validation_epoch_end(self, val_outputs):
         loss = float(np.mean([o["loss"] for o in val_outputs]))

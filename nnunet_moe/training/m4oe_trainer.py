@@ -10,7 +10,7 @@ What changes against nnU-Net's default trainer (everything else is nnU-Net's):
 - network: Swin-Unet (embed 96, depths 2/2/2/2, heads 3/6/12/24, window 7, patch 4) whose 14 block MLPs
   are M4oE layers with one expert per modality of the merge record (expert ``i`` = modality
   ``modality_order(record)[i]``, CT before MR); the list of modalities is written into the plans
-  (``partial_labels.PLANS_KEY``), which nnU-Net saves with the model, so the predictor rebuilds the same network. A plain
+  (``datasets.metadata.PLANS_KEY``), which nnU-Net saves with the model, so the predictor rebuilds the same network. A plain
   (non-merged) dataset is one modality with every case annotated for every label: one expert, i.e.
   Swin-Unet's dense MLPs (logged);
 - gate ``gate = "experts"`` (paper, Eq. 2: softmax over experts from the token itself): needs no modality,
@@ -37,19 +37,21 @@ report in the log) before fine-tuning; unset: from scratch. Ignored when resumin
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
-from nnunet_moe.datasets.evaluation import SUMMARY_NAME, format_per_source, per_source_dice_folders
-from nnunet_moe.datasets.metadata import MERGE_KEY
+from nnunet_moe.datasets.evaluation import (SUMMARY_NAME, case_dice_from_nnunet_summary, format_per_source,
+                                            per_source_dice)
+from nnunet_moe.datasets.metadata import MERGE_KEY, expert_modalities
 from nnunet_moe.networks.m4oe import M4oESwinUnet
-from nnunet_moe.networks.unwrap import unwrap_network
+from nnunet_moe.networks.modality_keyword import ModalityKeyword
 from nnunet_moe.pretrained import m4oe_mae_weights
 from nnunet_moe.pretrained.m4oe_mae_weights import WEIGHTS_ENV as MAE_WEIGHTS_ENV
 from nnunet_moe.training.base import nnUNetMoETrainerBase
-from nnunet_moe.training.partial_labels import CaseAnnotations, PartialLabelDCandCELoss, expert_modalities
+from nnunet_moe.training.partial_labels import CaseAnnotations, PartialLabelDCandCELoss
 
 
 
@@ -69,7 +71,7 @@ class nnUNetTrainerM4oE(nnUNetMoETrainerBase):
         plans = self.cases.plans_with_experts(plans)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._partial_loss = None
-        self._batch_modality = None
+        self._modality = None  # networks.modality_keyword.ModalityKeyword, made with the network
         self.print_to_log_file(self._describe(), also_print_to_console=True)
 
     @property
@@ -120,16 +122,11 @@ class nnUNetTrainerM4oE(nnUNetMoETrainerBase):
         self.print_to_log_file(f"{MAE_WEIGHTS_ENV} is not set: training from scratch (no MAE-pretrained "
                                f"experts; stage 1 is nnUNetTrainerM4oEPretrain).", also_print_to_console=True)
 
-    def _hook_modality(self) -> None:
-        network = unwrap_network(self.network)
-        if self.needs_modality and getattr(network, "_m4oe_modality_hook", None) is None:
-            network._m4oe_modality_hook = network.register_forward_pre_hook(self._pass_modality, with_kwargs=True)
-
-    def _pass_modality(self, module, args, kwargs):
-        # nnU-Net calls network(data); the modality of the current batch/case rides along as a keyword
-        if self._batch_modality is None or len(args) > 1 or "modality" in kwargs:
-            return None
-        return args, {**kwargs, "modality": self._batch_modality.to(args[0].device)}
+    def _set_modality(self, value) -> None:
+        """The modality (expert indices) nnU-Net's ``network(data)`` calls get as a keyword; None: none."""
+        if self._modality is None:
+            self._modality = ModalityKeyword(self.network)
+        self._modality.set(value)
 
     def _build_loss(self):
         loss = super()._build_loss()  # nnU-Net's DC_and_CE_loss, in its DeepSupervisionWrapper
@@ -147,8 +144,7 @@ class nnUNetTrainerM4oE(nnUNetMoETrainerBase):
         keys = batch.get("keys")
         if self._partial_loss is not None:
             self._partial_loss.annotated = self.cases.annotated(keys)
-        self._batch_modality = self.cases.modality(keys) if self.needs_modality else None
-        self._hook_modality()
+        self._set_modality(self.cases.modality(keys) if self.needs_modality else None)
 
     def train_step(self, batch: dict) -> dict:
         self._use_batch_cases(batch)
@@ -167,25 +163,28 @@ class nnUNetTrainerM4oE(nnUNetMoETrainerBase):
 
             class _CaseModality(original):  # nnU-Net loads each validation case right before predicting it
                 def load_case(self, identifier):
-                    trainer._batch_modality = trainer.cases.modality([identifier])
+                    trainer._set_modality(trainer.cases.modality([identifier]))
                     return super().load_case(identifier)
 
             self.dataset_class = _CaseModality
-            self._hook_modality()
         try:
             super().perform_actual_validation(save_probabilities)
         finally:
-            self.dataset_class, self._batch_modality = original, None
+            self.dataset_class = original
+            self._set_modality(None)
         if self.local_rank == 0 and self.cases.merged:
             self.write_per_source_summary()
 
     def write_per_source_summary(self) -> dict:
-        """Dice per source of the final validation: ``validation/summary_per_source.json`` and one log line each."""
+        """Dice per source of the final validation, sorted from nnU-Net's ``validation/summary.json``:
+        ``validation/summary_per_source.json`` and one log line each."""
         folder = os.path.join(self.output_folder, "validation")
         _, val_keys = self.do_split()
-        summary = per_source_dice_folders(folder, os.path.join(self.preprocessed_dataset_folder_base,
-                                                               "gt_segmentations"),
-                                          self.dataset_json, val_keys, os.path.join(folder, SUMMARY_NAME))
+        with open(os.path.join(folder, "summary.json")) as f:
+            case_dice = case_dice_from_nnunet_summary(json.load(f), self.dataset_json["file_ending"], set(val_keys))
+        summary = per_source_dice(case_dice, self.dataset_json)
+        with open(os.path.join(folder, SUMMARY_NAME), "w") as f:
+            json.dump(summary, f, indent=2)
         for line in format_per_source(summary):
             self.print_to_log_file(line, also_print_to_console=True)
         return summary
@@ -210,3 +209,10 @@ class nnUNetTrainerM4oESmall(nnUNetTrainerM4oE):
 
     paper = "M4oE, CPU-sized: embed 24 (stage widths 24-192) (tests and demos) (Jiang et al., MICCAI 2024)"
     embed_dim, num_heads = 24, (1, 2, 4, 8)  # as nnUNetTrainerM4oEPretrainSmall, whose weights it loads
+
+
+class nnUNetTrainerM4oESelectSmall(nnUNetTrainerM4oESmall):
+    """``nnUNetTrainerM4oESmall`` with the paper's selection of annotated classes (CPU-sized comparisons)."""
+
+    paper = "M4oE, CPU-sized (embed 24), partial labels by selection (paper) (Jiang et al., MICCAI 2024)"
+    partial_label_mode = "select"

@@ -39,29 +39,11 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.utilities.ddp_allgather import AllGatherGrad
 from torch import nn
 
-from nnunet_moe.datasets.metadata import MERGE_KEY, MODALITIES, case_record, merge_metadata
+from nnunet_moe.datasets.metadata import MERGE_KEY, PLANS_KEY, case_record, merge_metadata, modality_order
 
-__all__ = ["PARTIAL_LABEL_MODES", "PartialLabelDCandCELoss", "CaseAnnotations", "modality_order", "PLANS_KEY",
-           "expert_modalities"]
+__all__ = ["PARTIAL_LABEL_MODES", "PartialLabelDCandCELoss", "CaseAnnotations"]
 
 PARTIAL_LABEL_MODES = ("marginal", "select")
-# {"modalities": [...]}: the experts of both M4oE stages, in the plans nnU-Net saves with the model, so that
-# its predictor (which has no merge record at hand) rebuilds the same network
-PLANS_KEY = "nnunet_moe_m4oe"
-
-
-def expert_modalities(plans: dict) -> list[str]:
-    """The modalities the M4oE experts of ``plans`` stand for, in expert order (empty: one dense MLP)."""
-    return list(plans.get(PLANS_KEY, {}).get("modalities", []))
-
-
-def modality_order(meta: dict) -> list[str]:
-    """The merged dataset's modalities in expert order: expert ``i`` is ``modality_order(meta)[i]``
-    (fixed order ``MODALITIES``, not source order, so re-merging in another order keeps the experts)."""
-    present = {s["modality"] for s in meta["sources"].values()}
-    return [m for m in MODALITIES if m in present]
-
-
 class CaseAnnotations:
     """Per case: which union classes it annotates and which expert its modality is.
 

@@ -1,0 +1,177 @@
+"""M4oE against nnU-Net on BTCV (CT) + CHAOS T2 (MR), one budget for every run (a long benchmark).
+
+``python -m nnunet_moe.benchmark.m4oe_table --out DIR [--shared ../shared/data]`` writes the two development
+sets of ``../shared/data`` as nnU-Net raw datasets (``shared_data``, resampled in-plane to ``SPACING`` so the
+runs fit a CPU; BTCV: 18 training + 6 held-out cases, CHAOS: 12 + 4), merges them with ``nnunet-moe
+merge-datasets`` (liver, kidneys and spleen matched by name; CHAOS does not annotate the other nine BTCV
+organs), plans ``2d`` for all three with the stock planner and trains, with the stock ``nnUNetv2_train`` on
+fold 0, for the same number of iterations and batch size:
+
+- nnU-Net (``nnUNetTrainer``, its SGD 1e-2) on BTCV alone, on CHAOS alone and on the merge (where an
+  unannotated organ of a CHAOS case counts as background: the naive baseline M4oE's loss avoids);
+- M4oE (CPU size, ``nnUNetTrainerM4oESmall``, lr 1e-3 for the short budget) on the merge, partial labels
+  "marginal" (default) and "select" (``nnUNetTrainerM4oESelectSmall``);
+- M4oE "marginal" fine-tuned from stage-1 MAE weights (``nnUNetTrainerM4oEPretrainSmall``, same budget),
+  in its own results folder.
+
+Every model predicts the held-out cases of the sets it was trained on (stock ``nnUNetv2_predict``), nnU-Net
+evaluates them (``summary.json``) and the merged models' Dice is sorted by source, each case on its own
+source's labels (``datasets.evaluation``). The table: mean Dice over BTCV's 13 organs and over CHAOS's 4,
+the liver of each, training wall time and seconds per iteration (median epoch time / iterations).
+
+Interrupt at any time: finished steps are reused (``stock_pipeline``), an interrupted training continues
+with ``--c``; ``m4oe_table.json`` is rewritten after every run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+
+from nnunet_moe.benchmark.journal import write_json_atomic
+from nnunet_moe.benchmark.shared_data import find_shared_data, write_shared_dataset
+from nnunet_moe.datasets.evaluation import case_dice_from_nnunet_summary, per_source_dice
+from nnunet_moe.nnunet_paths import set_default_paths
+from nnunet_moe.stock_pipeline import ensure_plans, evaluate_folder, predict_folder, train_or_reuse, training_env
+
+SPACING = (2.0, 2.0, None)  # mm, x y z; z kept (2d): about 1/2 of BTCV's and 2/3 of CHAOS's in-plane resolution
+BTCV_ID, CHAOS_ID, MERGED_ID = 602, 603, 611
+MERGED_NAME = "BTCVChaos"
+EPOCHS, ITERS, BATCH = 25, 40, 8  # 1000 iterations of 8 slices
+
+
+def runs(epochs: int = EPOCHS, iters: int = ITERS, batch: int = BATCH) -> list:
+    """``[(row label, dataset id, trainer, MAE pretraining trainer or None)]`` in run order."""
+    budget = f"_{epochs}epochs_{iters}iters_bs{batch}"
+    nnunet = "nnUNetTrainer" + budget
+    m4oe = "nnUNetTrainerM4oESmall" + budget + "_lr1en3"
+    return [("nnU-Net, BTCV alone", BTCV_ID, nnunet, None),
+            ("nnU-Net, CHAOS alone", CHAOS_ID, nnunet, None),
+            ("nnU-Net, merged", MERGED_ID, nnunet, None),
+            ("M4oE marginal, merged", MERGED_ID, m4oe, None),
+            ("M4oE select, merged", MERGED_ID, "nnUNetTrainerM4oESelectSmall" + budget + "_lr1en3", None),
+            ("M4oE marginal + MAE, merged", MERGED_ID, m4oe, "nnUNetTrainerM4oEPretrainSmall" + budget)]
+
+
+def prepare_datasets(shared: str, log=print) -> dict:
+    """Raw BTCV, CHAOS and their merge (reused where they exist), planned for 2d: ``{id: raw folder}``."""
+    from nnunet_moe.datasets.merge import merge_datasets
+
+    folders = {BTCV_ID: write_shared_dataset(shared, "btcv", BTCV_ID, num_test=6, spacing=SPACING, log=log),
+               CHAOS_ID: write_shared_dataset(shared, "chaos_t2", CHAOS_ID, num_test=4, spacing=SPACING, log=log)}
+    merged = os.path.join(os.environ["nnUNet_raw"], f"Dataset{MERGED_ID:03d}_{MERGED_NAME}")
+    folders[MERGED_ID] = merged if os.path.isdir(merged) else merge_datasets(
+        MERGED_ID, [f"{BTCV_ID}:CT", f"{CHAOS_ID}:MR"], [], name=MERGED_NAME, log=log)
+    for dataset_id, folder in folders.items():
+        ensure_plans(dataset_id, os.path.basename(folder), "2d", log=log)
+    return folders
+
+
+def source_scores(summary: dict, dataset_json: dict, source_of: dict) -> dict:
+    """``{"btcv" | "chaos": {"mean", "liver"}}`` from nnU-Net's ``summary.json`` of held-out predictions: a merged
+    dataset's cases sorted by source (each on its own labels), a single dataset's on all its labels.
+    ``source_of``: merge source key (``d602``) -> "btcv" / "chaos"; the dataset's own kind for a single one."""
+    names = {int(v): n for n, v in dataset_json["labels"].items() if int(v) > 0}
+    if "nnunet_moe_merge" in dataset_json:
+        per_source = per_source_dice(case_dice_from_nnunet_summary(summary, dataset_json["file_ending"]),
+                                     dataset_json)["sources"]
+        return {source_of[k]: {"mean": s["mean_dice"], "liver": s["labels"].get("liver", {}).get("dice")}
+                for k, s in per_source.items()}
+    per_label = {names[int(k)]: float(v["Dice"]) for k, v in summary["mean"].items() if int(k) in names}
+    finite = [v for v in per_label.values() if v == v]
+    return {source_of["self"]: {"mean": sum(finite) / len(finite) if finite else None,
+                                "liver": per_label.get("liver")}}
+
+
+def _seconds_per_iteration(fold_dir: str, iters: int) -> float:
+    from nnunet_moe.pretrained.checkpoint_io import numpy_scalar_globals, read_checkpoint
+
+    log = read_checkpoint(os.path.join(fold_dir, "checkpoint_final.pth"),
+                          allowed_globals=numpy_scalar_globals())["logging"]
+    epochs = [float(e) - float(s) for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
+    return statistics.median(epochs) / iters
+
+
+def run_one(label, dataset_id, trainer, pretrain, folders, out, iters, device, log=print) -> dict:
+    """Train (MAE first where asked), predict the held-out cases, score them: one table row."""
+    from nnunet_moe.pretrained.m4oe_mae_weights import WEIGHTS_ENV, WEIGHTS_NAME
+
+    folder = folders[dataset_id]
+    name = os.path.basename(folder)
+    results = os.path.join(out, "nnUNet_results_mae" if pretrain else "nnUNet_results")
+    env = training_env(device, nnUNet_results=results, nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
+    env.pop(WEIGHTS_ENV, None)
+    t0 = time.time()
+    if pretrain:
+        stage1 = train_or_reuse(dataset_id, name, pretrain, "2d", 0, device, env=env, log=log)
+        env[WEIGHTS_ENV] = os.path.join(stage1["output_folder"], WEIGHTS_NAME)
+    trained = train_or_reuse(dataset_id, name, trainer, "2d", 0, device, env=env, log=log)
+    train_seconds = time.time() - t0
+    pred = os.path.join(trained["output_folder"], "heldout_predictions")
+    if not os.path.isfile(os.path.join(pred, "summary.json")):
+        tmp = pred + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)  # only our own unfinished prediction
+        predict_folder(os.path.join(folder, "imagesTs"), tmp, dataset_id, trainer, "2d", 0, device, env=env, log=log)
+        pre = os.path.join(os.environ["nnUNet_preprocessed"], name)
+        evaluate_folder(os.path.join(folder, "labelsTs"), tmp, os.path.join(pre, "nnUNetPlans.json"),
+                        os.path.join(pre, "dataset.json"))
+        os.rename(tmp, pred)
+    with open(os.path.join(pred, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(folder, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    kind = {BTCV_ID: "btcv", CHAOS_ID: "chaos"}
+    source_of = {"self": kind.get(dataset_id), **{f"d{k:03d}": v for k, v in kind.items()}}
+    return {"label": label, "dataset_id": dataset_id, "trainer": trainer, "mae": pretrain,
+            "scores": source_scores(summary, dataset_json, source_of),
+            "seconds_per_iteration": _seconds_per_iteration(trained["output_folder"], iters),
+            "wall_seconds_this_call": train_seconds if trained["ran"] else None}
+
+
+def markdown(rows: list) -> str:
+    def cell(row, source, key):
+        value = row["scores"].get(source, {}).get(key)
+        return "-" if value is None else f"{value:.3f}"
+
+    head = ("| model | BTCV mean Dice (13) | BTCV liver | CHAOS mean Dice (4) | CHAOS liver | s / iteration |\n"
+            "|---|---:|---:|---:|---:|---:|")
+    body = [f"| {r['label']} | {cell(r, 'btcv', 'mean')} | {cell(r, 'btcv', 'liver')} | {cell(r, 'chaos', 'mean')} | "
+            f"{cell(r, 'chaos', 'liver')} | {r['seconds_per_iteration']:.2f} |" for r in rows]
+    return "\n".join([head] + body)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nnunet_moe.benchmark.m4oe_table",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="nnunet_moe_m4oe_table", help="work folder (nnU-Net folders, results)")
+    parser.add_argument("--shared", default=None, help="the folder holding btcv/ and chaos_t2/ (default: found "
+                                                       "as ../shared/data from here)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--iters", type=int, default=ITERS)
+    parser.add_argument("--only", nargs="*", default=None, help="run only rows whose label contains one of these")
+    parser.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args(argv)
+    shared = args.shared or find_shared_data()
+    if shared is None:
+        raise SystemExit("m4oe_table: no ../shared/data with btcv/ and chaos_t2/ found; pass --shared FOLDER")
+    out = os.path.abspath(args.out)
+    set_default_paths(out)
+    folders = prepare_datasets(shared)
+    rows = []
+    for label, dataset_id, trainer, pretrain in runs(args.epochs, args.iters):
+        if args.only and not any(s in label for s in args.only):
+            continue
+        rows.append(run_one(label, dataset_id, trainer, pretrain, folders, out, args.iters, args.device))
+        write_json_atomic(os.path.join(out, "m4oe_table.json"), rows)
+        print(markdown(rows), flush=True)
+    with open(os.path.join(out, "m4oe_table.md"), "w") as f:
+        f.write(markdown(rows) + "\n")
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
