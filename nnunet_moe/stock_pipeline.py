@@ -36,39 +36,44 @@ def training_env(device: str, **overrides) -> dict:
     return env
 
 
-def ensure_plans(dataset_id: int, dataset_name: str, configuration: str, log=print) -> str:
-    """Stock ``nnUNetv2_plan_and_preprocess`` for one configuration unless already done; the plans file."""
+def ensure_plans(dataset_id: int, dataset_name: str, configuration: str, log=print, plans: str = "nnUNetPlans",
+                 planner_args: tuple = ()) -> str:
+    """Stock ``nnUNetv2_plan_and_preprocess`` for one configuration unless already done; the plans file.
+    ``plans`` other than nnU-Net's default: planned with ``-overwrite_plans_name plans`` and ``planner_args``
+    (nnU-Net's own options, e.g. ``("-overwrite_target_spacing", "2.5", "2.5", "2.5")``)."""
     pre = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name)
-    plans_file = os.path.join(pre, "nnUNetPlans.json")
-    data = os.path.join(pre, f"nnUNetPlans_{configuration}")
+    plans_file = os.path.join(pre, f"{plans}.json")
+    data = os.path.join(pre, f"{plans}_{configuration}")
     if os.path.isfile(plans_file) and os.path.isdir(data):
         log(f"Reusing the existing plans and preprocessed {configuration} data in {pre}")
     else:
+        named = [] if plans == "nnUNetPlans" else ["-overwrite_plans_name", plans, *planner_args]
         run_streamed([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration,
-                      "-np", "2", "--verify_dataset_integrity"], env=planning_env(), log=log)
+                      "-np", "2", "--verify_dataset_integrity", *named], env=planning_env(), log=log)
     return plans_file
 
 
-def trained_folder(dataset_name: str, trainer: str, configuration: str, fold: int, env: dict | None = None) -> str:
-    """``$nnUNet_results/<dataset>/<trainer>__nnUNetPlans__<configuration>/fold_<fold>``, with ``nnUNet_results``
+def trained_folder(dataset_name: str, trainer: str, configuration: str, fold: int, env: dict | None = None,
+                   plans: str = "nnUNetPlans") -> str:
+    """``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>/fold_<fold>``, with ``nnUNet_results``
     from ``env`` (the environment the commands run with; None: this process's)."""
     results = (os.environ if env is None else env)["nnUNet_results"]
-    return os.path.join(results, dataset_name, f"{trainer}__nnUNetPlans__{configuration}", f"fold_{fold}")
+    return os.path.join(results, dataset_name, f"{trainer}__{plans}__{configuration}", f"fold_{fold}")
 
 
 def train_or_reuse(dataset_id: int, dataset_name: str, trainer: str, configuration: str, fold: int, device: str,
-                   env: dict | None = None, log=print) -> dict:
+                   env: dict | None = None, log=print, plans: str = "nnUNetPlans") -> dict:
     """Stock ``nnUNetv2_train`` with ``env`` (None: :func:`training_env`): reuse a finished run, continue an
     interrupted one with ``--c``.
 
     Returns ``{"output_folder", "ran" (False when reused), "peak_rss_bytes" (None when reused)}``."""
     env = training_env(device) if env is None else env
-    output_folder = trained_folder(dataset_name, trainer, configuration, fold, env)
+    output_folder = trained_folder(dataset_name, trainer, configuration, fold, env, plans)
     if os.path.isfile(os.path.join(output_folder, "checkpoint_final.pth")):
         log(f"Reusing the finished training in {output_folder}")
         return {"output_folder": output_folder, "ran": False, "peak_rss_bytes": None}
     cmd = [nnunet_command("nnUNetv2_train"), str(dataset_id), configuration, str(fold), "-tr", trainer,
-           "-device", device]
+           "-device", device, "-p", plans]
     if os.path.isfile(os.path.join(output_folder, "checkpoint_latest.pth")):
         log(f"Continuing the interrupted training in {output_folder} (--c)")
         cmd.append("--c")
@@ -77,12 +82,13 @@ def train_or_reuse(dataset_id: int, dataset_name: str, trainer: str, configurati
 
 
 def predict_folder(images: str, out: str, dataset_id: int, trainer: str, configuration: str, fold: int, device: str,
-                   tta: bool = True, env: dict | None = None, log=print) -> None:
+                   tta: bool = True, env: dict | None = None, log=print, plans: str = "nnUNetPlans") -> None:
     """Stock ``nnUNetv2_predict`` of a folder of raw images with one fold's final checkpoint (``tta=False``:
     ``--disable_tta``, no test-time mirroring)."""
     run_streamed([nnunet_command("nnUNetv2_predict"), "-i", images, "-o", out, "-d", str(dataset_id),
-                  "-c", configuration, "-f", str(fold), "-tr", trainer, "-device", device, "-npp", "1", "-nps", "1"]
-                 + ([] if tta else ["--disable_tta"]), env=env if env is not None else training_env(device), log=log)
+                  "-c", configuration, "-f", str(fold), "-tr", trainer, "-p", plans, "-device", device, "-npp", "1",
+                  "-nps", "1"] + ([] if tta else ["--disable_tta"]),
+                 env=env if env is not None else training_env(device), log=log)
 
 
 def evaluate_folder(labels_folder: str, pred_folder: str, plans_file: str, dataset_json_file: str) -> dict:

@@ -1,0 +1,154 @@
+"""NMSW against the sliding window with *trained* weights, on BTCV under a CPU-sized plan (a long benchmark).
+
+``python -m nnunet_moe.benchmark.nmsw_trained --out DIR [--shared ../shared/data]``:
+
+1. BTCV from ``../shared/data`` as an nnU-Net raw dataset (the first 18 cases train, the last 6 are held out);
+2. a CPU-sized plan, made by nnU-Net's own planner: ``nnUNetv2_plan_and_preprocess -c 3d_fullres
+   -overwrite_plans_name nnUNetPlansCPU -overwrite_target_spacing 2.5 2.5 2.5 -gpu_memory_target 1`` (coarser
+   voxels and the small patch a 1 GB memory target gives, so that a volume spans many patch-grid cells, as
+   the paper's volumes do: with K patches the ratio of local passes is at most cells / K);
+3. ``nnUNetTrainerNMSW`` and stock ``nnUNetTrainer`` trained on fold 0 of those plans for the same budget
+   (``_<E>epochs_<I>iters``, default 50 x 20 = 1000 iterations);
+4. ``nnunet-moe benchmark`` on the held-out cases: NMSW at K=5 and at K=30, the same trained NMSW local
+   network under nnU-Net's sliding window, and the stock nnU-Net U-Net under the sliding window. Dice per
+   organ and mean, seconds per case, FLOPs, peak memory, and the patch-grid cells of each case.
+
+The goals the table is read against (issue of record): K=30 within 1 Dice point of the sliding window over
+the same weights at >= 2.5x less time; K=5 >= 5x less time, its Dice loss reported. ``--demo`` runs the same
+steps on the bundled hippocampus data (one-cell grids: only the mechanics, for tests).
+
+Interrupt at any time: the plans, trainings and benchmark runs are reused or continued (``--c``, the
+benchmark's ``--resume`` journal); ``nmsw_trained.json`` and ``nmsw_trained.md`` are written at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+from nnunet_moe.benchmark.journal import RUN_FILE, write_json_atomic
+from nnunet_moe.benchmark.shared_data import find_shared_data, write_shared_dataset
+from nnunet_moe.nnunet_paths import set_default_paths
+from nnunet_moe.stock_pipeline import ensure_plans, train_or_reuse, training_env
+
+PLANS = "nnUNetPlansCPU"
+PLANNER_ARGS = ("-overwrite_target_spacing", "2.5", "2.5", "2.5", "-gpu_memory_target", "1")
+BTCV_ID, DEMO_ID = 604, 605
+EPOCHS, ITERS = 50, 20
+KS = (5, 30)
+LARGE_ORGANS = ("liver", "spleen", "right kidney", "left kidney", "stomach")
+
+
+def trainers(epochs: int, iters: int) -> dict:
+    budget = f"_{epochs}epochs_{iters}iters"
+    return {"nmsw": "nnUNetTrainerNMSW" + budget, "nnunet": "nnUNetTrainer" + budget}
+
+
+def grid_cells(shape, patch, step_size: float = 0.5) -> int:
+    """Cells of nnU-Net's sliding-window grid over a preprocessed ``shape`` (its ``compute_steps_for_sliding_window``)."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    padded = [max(s, p) for s, p in zip(shape, patch)]
+    return math.prod(len(s) for s in compute_steps_for_sliding_window(padded, patch, step_size))
+
+
+def table(summaries: list, class_rows: list, cells: dict) -> str:
+    """Markdown: one row per (model, mode, K): mean Dice, the large organs, s / case, GFLOPs, peak MiB."""
+    def dice(model, mode, organ):
+        values = [r["dice"] for r in class_rows if r["model"] == model and r["mode"] == mode
+                  and r["class_name"] == organ and r["dice"] is not None]
+        return f"{values[0]:.3f}" if values else "-"
+
+    organs = [o for o in LARGE_ORGANS if any(r["class_name"] == o for r in class_rows)]
+    head = ("| model | mode | mean Dice | " + " | ".join(organs) + " | s / case | GFLOPs / case | peak MiB |\n"
+            "|---|---|---:|" + "---:|" * len(organs) + "---:|---:|---:|")
+    body = []
+    for s in summaries:
+        fmt = lambda v, d, scale=1.0: "n/a" if v is None else f"{v / scale:.{d}f}"  # noqa: E731
+        body.append(f"| {s['label']} | {s['mode']} | {fmt(s['dice'], 3)} | "
+                    + " | ".join(dice(s["model"], s["mode"], o) for o in organs)
+                    + f" | {fmt(s['seconds_per_case'], 2)} | {fmt(s['flops'], 0, 1e9)} | {fmt(s['peak_memory_mb'], 0)} |")
+    listing = ", ".join(f"{case} {n}" for case, n in cells.items())
+    return "\n".join([head] + body) + f"\n\nPatch-grid cells per held-out case: {listing}\n"
+
+
+def _finished(run_out: str) -> tuple:
+    """(report rows, per-case records) of a finished benchmark run in ``run_out``; (None, None) otherwise."""
+    run = os.path.join(run_out, RUN_FILE)
+    if not os.path.isfile(run):
+        return None, None
+    with open(run) as f:
+        if not json.load(f).get("finished"):
+            return None, None
+    with open(os.path.join(run_out, "results.json")) as f:
+        rows = json.load(f)["rows"]
+    with open(os.path.join(run_out, "per_case.json")) as f:
+        return rows, json.load(f)["cases"]
+
+
+def main(argv=None) -> int:
+    from nnunet_moe.benchmark.command import benchmark
+    from nnunet_moe.benchmark.report import summary_rows
+
+    parser = argparse.ArgumentParser(prog="python -m nnunet_moe.benchmark.nmsw_trained",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="nnunet_moe_nmsw_trained", help="work folder (nnU-Net folders, results)")
+    parser.add_argument("--shared", default=None, help="folder holding btcv/ (default: ../shared/data from here)")
+    parser.add_argument("--demo", action="store_true", help="the bundled hippocampus data instead (tests)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--iters", type=int, default=ITERS)
+    parser.add_argument("--k", type=int, nargs="+", default=list(KS), help="NMSW patches per volume (default 5 30)")
+    parser.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args(argv)
+    out = os.path.abspath(args.out)
+    set_default_paths(out)
+    if args.demo:
+        from nnunet_moe.demo_dataset import write_demo_dataset
+
+        folder = write_demo_dataset(DEMO_ID, "NMSWDemo", num_test=2, num_train=6).folder
+        dataset_id, planner_args = DEMO_ID, ()
+    else:
+        shared = args.shared or find_shared_data()
+        if shared is None:
+            raise SystemExit("nmsw_trained: no ../shared/data with btcv/ found; pass --shared FOLDER (or --demo)")
+        folder = write_shared_dataset(shared, "btcv", BTCV_ID, num_test=6)
+        dataset_id, planner_args = BTCV_ID, PLANNER_ARGS
+    name = os.path.basename(folder)
+    plans_file = ensure_plans(dataset_id, name, "3d_fullres", plans=PLANS, planner_args=planner_args)
+    env = training_env(args.device, nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
+    names = trainers(args.epochs, args.iters)
+    for trainer in names.values():
+        train_or_reuse(dataset_id, name, trainer, "3d_fullres", 0, args.device, env=env, plans=PLANS)
+    common = dict(images=os.path.join(folder, "imagesTs"), labels=os.path.join(folder, "labelsTs"), plans=PLANS,
+                  device=args.device, tta=False, progress=False)
+    runs = [("NMSW K=%d" % k, [names["nmsw"]], ["nmsw"], k) for k in args.k]
+    runs += [("NMSW local net, sliding window", [names["nmsw"]], ["sliding_window"], None),
+             ("nnU-Net U-Net", [names["nnunet"]], ["sliding_window"], None)]
+    summaries, class_rows = [], []
+    for label, tr, modes, k in runs:
+        run_out = os.path.join(out, "benchmark", label.replace(" ", "_").replace("=", "").replace(",", ""))
+        rows, per_case = _finished(run_out)
+        if rows is None:  # not run yet, or interrupted: the benchmark's journal continues it
+            run = os.path.join(run_out, RUN_FILE)
+            result = benchmark(str(dataset_id), "3d_fullres", tr, 0, out=run_out, modes=modes, nmsw_k=k,
+                               resume=os.path.isfile(run), **common)
+            rows, per_case = result.rows, result.per_case
+        summaries += [{**s, "label": label, "k": k} for s in summary_rows(rows)]
+        class_rows += [dict(r, label=label) for r in rows]
+    with open(plans_file) as f:
+        patch = json.load(f)["configurations"]["3d_fullres"]["patch_size"]
+    pre = os.path.join(os.environ["nnUNet_preprocessed"], name, f"{PLANS}_3d_fullres")
+    cells = {c["case"]: grid_cells(c["preprocessed_shape"][1:], patch) for c in per_case}
+    text = table(summaries, class_rows, cells)
+    write_json_atomic(os.path.join(out, "nmsw_trained.json"),
+                      {"plans": PLANS, "patch_size": patch, "preprocessed": pre, "cells": cells, "summaries": summaries,
+                       "per_class": class_rows})
+    with open(os.path.join(out, "nmsw_trained.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

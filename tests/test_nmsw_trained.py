@@ -1,0 +1,47 @@
+"""The trained NMSW comparison (``python -m nnunet_moe.benchmark.nmsw_trained``) end to end on a tiny bundled case."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from nnunet_moe.benchmark import nmsw_trained
+
+
+def test_grid_cells_follow_nnunets_sliding_window_steps():
+    assert nmsw_trained.grid_cells((40, 56, 40), (40, 56, 40)) == 1
+    assert nmsw_trained.grid_cells((30, 56, 40), (40, 56, 40)) == 1  # smaller than the patch: padded
+    assert nmsw_trained.grid_cells((120, 120, 180), (48, 48, 48)) == 4 * 4 * 7  # step 24 per axis
+
+
+@pytest.mark.e2e
+def test_trained_comparison_on_the_bundled_data(tmp_path, monkeypatch):
+    """Plan (named plans), train NMSW and nnU-Net for the same budget, benchmark K=1, K=3, NMSW's local
+    network under the sliding window and nnU-Net: one table whose figures agree with the benchmark runs."""
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+        os.makedirs(tmp_path / var)
+    monkeypatch.setenv("nnUNet_compile", "f")
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    out = tmp_path / "work"
+    assert nmsw_trained.main(["--out", str(out), "--demo", "--epochs", "1", "--iters", "2", "--k", "1", "3"]) == 0
+    result = json.load(open(out / "nmsw_trained.json"))
+    rows = {s["label"]: s for s in result["summaries"]}
+    assert list(rows) == ["NMSW K=1", "NMSW K=3", "NMSW local net, sliding window", "nnU-Net U-Net"]
+    cells = list(result["cells"].values())
+    assert len(cells) == 2 and all(1 <= c <= 4 for c in cells)  # hippocampus: one or two patches per volume
+    # without mirroring the sliding window runs one patch per grid cell; NMSW at most K of them (fewer where the
+    # global network sees no foreground)
+    for label in ("NMSW local net, sliding window", "nnU-Net U-Net"):
+        assert rows[label]["patches_per_case"] == pytest.approx(sum(cells) / len(cells))
+    assert rows["NMSW K=1"]["patches_per_case"] <= 1
+    assert rows["NMSW K=1"]["patches_per_case"] <= rows["NMSW K=3"]["patches_per_case"] <= sum(cells) / len(cells)
+    assert all(s["flops"] > 0 and s["seconds_per_case"] > 0 and s["dice"] is not None for s in rows.values())
+    table = open(out / "nmsw_trained.md").read().splitlines()
+    assert table[0].startswith("| model | mode | mean Dice |") and len([l for l in table if l.startswith("| NMSW")]) == 3
+    assert f"| NMSW K=1 | nmsw | {rows['NMSW K=1']['dice']:.3f} |" in table[2]
+    # a second call reuses the trainings and the finished benchmark runs
+    assert nmsw_trained.main(["--out", str(out), "--demo", "--epochs", "1", "--iters", "2", "--k", "1", "3"]) == 0
+    assert sorted(os.listdir(out / "benchmark")) == sorted(
+        ["NMSW_K1", "NMSW_K3", "NMSW_local_net_sliding_window", "nnU-Net_U-Net"])
