@@ -65,3 +65,38 @@ def test_training_steps_use_the_results_folder_of_their_environment(tmp_path, mo
     again = stock_pipeline.train_or_reuse(501, "Dataset501_X", "T", "2d", 0, "cpu", env=env, log=lambda *a: None)
     assert not again["ran"] and len(calls) == 1  # the finished run in the environment's folder is reused
     assert os.environ["nnUNet_results"] == str(tmp_path / "process")
+
+
+def test_measured_rows_are_reused_and_new_rows_added(tmp_path, monkeypatch):
+    """``--measured``: a run recorded in the row file is not trained again; a new one is trained once and
+    added to the file; ``--report-only`` redraws the table from the file alone."""
+    from types import SimpleNamespace
+
+    runs = (("2d", "nnUNetTrainerAdam1en3", 8, (None,)), ("2d", "nnUNetTrainerM4oESmall", 8, (None,)))
+    first, second = [name for _, name in convergence.run_names(runs)]
+    row = {"fold0_dice": 0.5, "heldout_dice": 0.6, "seconds_per_iteration": 1.0, "max_lr": 1e-3,
+           "pseudo_dice_per_epoch": [0.2, 0.4], "iterations_per_epoch": 30, "peak_rss_mib": 100.0}
+    store = tmp_path / "measured.json"
+    json.dump([dict(row, configuration="2d", trainer=first, repeat=0)], open(store, "w"))
+    trained = []
+    monkeypatch.setattr(convergence, "run_names", lambda: [("2d", first), ("2d", second)])
+    monkeypatch.setattr(convergence, "write_demo_dataset", lambda *a: SimpleNamespace(dataset_id=1, name="D"))
+    monkeypatch.setattr(convergence, "ensure_plans", lambda *a, **k: None)
+    monkeypatch.setattr(convergence, "run_one", lambda ds, c, t, *a: trained.append(t) or dict(row, configuration=c,
+                                                                                                  trainer=t))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    assert convergence.main(["--out", str(tmp_path / "w"), "--measured", str(store)]) == 0
+    assert trained == [second]
+    kept = json.load(open(store))
+    assert [r["trainer"] for r in kept] == [first, second] and kept[1]["machine"]["cpus"] == os.cpu_count()
+    assert convergence.main(["--out", str(tmp_path / "w"), "--measured", str(store)]) == 0
+    assert trained == [second]  # both recorded now: nothing trained again
+    assert convergence.main(["--out", str(tmp_path / "r"), "--measured", str(store), "--report-only"]) == 0
+    assert f"`{second}`" in open(tmp_path / "r" / "convergence.md").read()
+
+
+def test_measured_file_of_another_kind_is_refused(tmp_path):
+    bad = tmp_path / "rows.json"
+    json.dump({"not": "rows"}, open(bad, "w"))
+    with pytest.raises(SystemExit, match="not a convergence row file"):
+        convergence.read_measured(str(bad))

@@ -19,6 +19,12 @@ Interrupt it at any time: every step reuses finished work (``stock_pipeline``), 
 training continues with ``--c``, and ``convergence.json`` is rewritten after every run, so running
 the same command again continues where it stopped. ``--repeats N`` repeats every run N times
 (unseeded, as nnU-Net trains) in separate results folders.
+
+``--measured FILE`` keeps the finished rows beyond the work folder: a run already recorded there (same
+configuration, trainer and repeat) is taken from it instead of trained again, and every new row is
+added to it as soon as it is measured. The README's convergence table and plot come from the file
+shipped as ``nnunet_moe/benchmark/measured/hippocampus_convergence.json`` (``--report-only`` redraws
+them from it without training).
 """
 from __future__ import annotations
 
@@ -145,14 +151,59 @@ def plot(rows: list, path: str) -> None:
     plt.close(fig)
 
 
+def _row_key(row: dict) -> tuple:
+    return row["configuration"], row["trainer"], int(row["repeat"])
+
+
+def read_measured(path) -> dict:
+    """``{(configuration, trainer, repeat): row}`` from a ``--measured`` file (empty if it does not exist)."""
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        rows = json.load(f)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"configuration", "trainer", "repeat"} <= set(r)
+                                             for r in rows):
+        raise SystemExit(f"{path}: not a convergence row file (a JSON list of rows with configuration, trainer and "
+                         "repeat, as this command writes); point --measured at such a file or at a new path")
+    return {_row_key(r): r for r in rows}
+
+
+def machine() -> dict:
+    """Where a row was measured: its numbers compare only with rows from the same kind of machine."""
+    import platform
+
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "processor": platform.processor() or platform.machine()}
+
+
+def write_report(rows: list, out: str) -> None:
+    with open(os.path.join(out, "convergence.md"), "w") as f:
+        f.write(markdown(rows) + "\n")
+    plot(rows, os.path.join(out, "dice_vs_iterations.png"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nnunet_moe.benchmark.convergence", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="nnunet_moe_convergence", help="work folder (nnU-Net folders, results)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--only", nargs="*", default=None, help="run only trainers whose full name contains one of these")
     parser.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--measured", default=None,
+                        help="JSON row file kept beyond --out: runs recorded there are not trained again, new rows are added")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the table and plot of the --measured rows into --out without training")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
+    measured = read_measured(args.measured)
+    if args.report_only:
+        if not measured:
+            raise SystemExit("--report-only needs --measured pointing at an existing row file")
+        os.makedirs(out, exist_ok=True)
+        write_report(list(measured.values()), out)
+        print(markdown(list(measured.values())))
+        return 0
     set_default_paths(out)
     ds = write_demo_dataset(DEFAULT_DATASET_ID, DEFAULT_DATASET_NAME)
     runs = [r for r in run_names() if not args.only or any(s in r[1] for s in args.only)]
@@ -162,17 +213,21 @@ def main(argv=None) -> int:
     rows = []
     for repeat in range(args.repeats):
         for configuration, trainer in runs:
+            key = (configuration, trainer, repeat)
+            if key in measured:
+                rows.append(measured[key])
+                continue
             results = os.path.join(out, f"repeat_{repeat}", "nnUNet_results")
             row = run_one(ds, configuration, trainer, results, args.device)
-            row["repeat"] = repeat
+            row.update(repeat=repeat, machine=machine())
             rows.append(row)
             write_json_atomic(json_path, rows)
+            if args.measured:
+                measured[key] = row
+                write_json_atomic(args.measured, list(measured.values()))
             print(markdown(rows), flush=True)
-    table = markdown(rows)
-    with open(os.path.join(out, "convergence.md"), "w") as f:
-        f.write(table + "\n")
-    plot(rows, os.path.join(out, "dice_vs_iterations.png"))
-    print(table)
+    write_report(rows, out)
+    print(markdown(rows))
     print(f"Results: {json_path}, {os.path.join(out, 'convergence.md')}, {os.path.join(out, 'dice_vs_iterations.png')}")
     return 0
 
