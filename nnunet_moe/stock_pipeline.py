@@ -44,13 +44,23 @@ def ensure_plans(dataset_id: int, dataset_name: str, configuration: str, log=pri
     pre = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name)
     plans_file = os.path.join(pre, f"{plans}.json")
     data = os.path.join(pre, f"{plans}_{configuration}")
-    if os.path.isfile(plans_file) and os.path.isdir(data):
+    if os.path.isfile(plans_file) and _preprocessed_complete(pre, data):
         log(f"Reusing the existing plans and preprocessed {configuration} data in {pre}")
-    else:
+    else:  # nnU-Net overwrites what an interrupted preprocessing left
         named = [] if plans == "nnUNetPlans" else ["-overwrite_plans_name", plans, *planner_args]
         run_streamed([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration,
                       "-np", "2", "--verify_dataset_integrity", *named], env=planning_env(), log=log)
     return plans_file
+
+
+def _preprocessed_complete(pre: str, data: str) -> bool:
+    """Every training case of ``pre/dataset.json`` has its ``.pkl`` in ``data`` (nnU-Net writes it last per case):
+    a preprocessing killed half-way would otherwise be reused, and nnU-Net would split and train on fewer cases."""
+    if not os.path.isdir(data) or not os.path.isfile(os.path.join(pre, "dataset.json")):
+        return False
+    with open(os.path.join(pre, "dataset.json")) as f:
+        expected = json.load(f)["numTraining"]
+    return sum(name.endswith(".pkl") for name in os.listdir(data)) >= expected
 
 
 def trained_folder(dataset_name: str, trainer: str, configuration: str, fold: int, env: dict | None = None,

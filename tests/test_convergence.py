@@ -100,3 +100,24 @@ def test_measured_file_of_another_kind_is_refused(tmp_path):
     json.dump({"not": "rows"}, open(bad, "w"))
     with pytest.raises(SystemExit, match="not a convergence row file"):
         convergence.read_measured(str(bad))
+
+
+def test_plans_are_reused_only_when_every_case_was_preprocessed(tmp_path, monkeypatch):
+    """A preprocessing killed half-way is run again (nnU-Net would split and train on the cases it finished)."""
+    from nnunet_moe import stock_pipeline
+
+    calls = []
+    monkeypatch.setattr(stock_pipeline, "run_streamed", lambda cmd, env=None, log=print: calls.append(cmd))
+    monkeypatch.setattr(stock_pipeline, "nnunet_command", lambda name: name)
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    pre = tmp_path / "Dataset501_X"
+    (pre / "nnUNetPlans_2d").mkdir(parents=True)
+    (pre / "nnUNetPlans.json").write_text("{}")
+    json.dump({"numTraining": 3}, open(pre / "dataset.json", "w"))
+    for case in ("a", "b"):
+        (pre / "nnUNetPlans_2d" / f"{case}.pkl").write_text("")
+    stock_pipeline.ensure_plans(501, "Dataset501_X", "2d", log=lambda *a: None)
+    assert len(calls) == 1 and calls[0][0] == "nnUNetv2_plan_and_preprocess"  # 2 of 3 cases: planned again
+    (pre / "nnUNetPlans_2d" / "c.pkl").write_text("")
+    stock_pipeline.ensure_plans(501, "Dataset501_X", "2d", log=lambda *a: None)
+    assert len(calls) == 1  # complete: reused

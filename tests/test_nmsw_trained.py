@@ -15,6 +15,21 @@ def test_grid_cells_follow_nnunets_sliding_window_steps():
     assert nmsw_trained.grid_cells((120, 120, 180), (48, 48, 48)) == 4 * 4 * 7  # step 24 per axis
 
 
+def test_table_takes_each_runs_own_organ_dice():
+    """Two NMSW runs share model and mode (only K differs): each row shows its own per-organ Dice."""
+    def run_rows(run, liver):
+        return [{"run": run, "model": "nnUNetTrainerNMSW", "mode": "nmsw", "label": 1, "class_name": "liver",
+                 "dice": liver}]
+    summary = dict(model="nnUNetTrainerNMSW", mode="nmsw", dice=0.5, seconds_per_case=4.0,
+                   network_seconds_per_case=1.0, patches_per_case=5.0, flops=2e9, peak_memory_mb=100.0)
+    text = nmsw_trained.table([dict(summary, label="NMSW K=5"), dict(summary, label="NMSW K=30")],
+                              run_rows("NMSW K=5", 0.5) + run_rows("NMSW K=30", 0.8), {"case_0": 64})
+    lines = text.splitlines()
+    assert lines[2] == "| NMSW K=5 | nmsw | 0.500 | 0.500 | 4.00 | 1.00 | 5.0 | 2 | 100 |"
+    assert lines[3].startswith("| NMSW K=30 | nmsw | 0.500 | 0.800 |")
+    assert nmsw_trained.network_seconds([{"stage_seconds": {"network": 1.0}}, {"stage_seconds": {"network": 3.0}}]) == 2.0
+
+
 @pytest.mark.e2e
 def test_trained_comparison_on_the_bundled_data(tmp_path, monkeypatch):
     """Plan (named plans), train NMSW and nnU-Net for the same budget, benchmark K=1, K=3, NMSW's local
@@ -38,6 +53,8 @@ def test_trained_comparison_on_the_bundled_data(tmp_path, monkeypatch):
     assert rows["NMSW K=1"]["patches_per_case"] <= 1
     assert rows["NMSW K=1"]["patches_per_case"] <= rows["NMSW K=3"]["patches_per_case"] <= sum(cells) / len(cells)
     assert all(s["flops"] > 0 and s["seconds_per_case"] > 0 and s["dice"] is not None for s in rows.values())
+    assert all(0 < s["network_seconds_per_case"] < s["seconds_per_case"] for s in rows.values())
+    assert all(isinstance(r["label"], int) for r in result["per_class"])  # the class label, not the run
     table = open(out / "nmsw_trained.md").read().splitlines()
     assert table[0].startswith("| model | mode | mean Dice |") and len([l for l in table if l.startswith("| NMSW")]) == 3
     assert f"| NMSW K=1 | nmsw | {rows['NMSW K=1']['dice']:.3f} |" in table[2]

@@ -5,7 +5,9 @@ sets of ``../shared/data`` as nnU-Net raw datasets (``shared_data``, resampled i
 runs fit a CPU; BTCV: 18 training + 6 held-out cases, CHAOS: 12 + 4), merges them with ``nnunet-moe
 merge-datasets`` (liver, kidneys and spleen matched by name; CHAOS does not annotate the other nine BTCV
 organs), plans ``2d`` for all three with the stock planner and trains, with the stock ``nnUNetv2_train`` on
-fold 0, for the same number of iterations and batch size:
+fold 0, for the same number of iterations and batch size. BTCV and CHAOS alone get the merge's folds (its
+``splits_final.json`` without the ``d602_``/``d603_`` case prefixes) as their own ``splits_final.json``, so
+every model trains and validates on the same cases:
 
 - nnU-Net (``nnUNetTrainer``, its SGD 1e-2) on BTCV alone, on CHAOS alone and on the merge (where an
   unannotated organ of a CHAOS case counts as background: the naive baseline M4oE's loss avoids);
@@ -17,7 +19,9 @@ fold 0, for the same number of iterations and batch size:
 Every model predicts the held-out cases of the sets it was trained on (stock ``nnUNetv2_predict``), nnU-Net
 evaluates them (``summary.json``) and the merged models' Dice is sorted by source, each case on its own
 source's labels (``datasets.evaluation``). The table: mean Dice over BTCV's 13 organs and over CHAOS's 4,
-the liver of each, training wall time and seconds per iteration (median epoch time / iterations).
+the liver of each, training time (the sum of the epochs nnU-Net logged in ``checkpoint_final.pth``; the MAE row
+adds its stage-1 pretraining) and seconds per iteration (median epoch time, which includes the epoch's
+validation iterations, / training iterations).
 
 Interrupt at any time: finished steps are reused (``stock_pipeline``), an interrupted training continues
 with ``--c``; ``m4oe_table.json`` is rewritten after every run.
@@ -33,6 +37,7 @@ import time
 
 from nnunet_moe.benchmark.journal import write_json_atomic
 from nnunet_moe.benchmark.shared_data import find_shared_data, write_shared_dataset
+from nnunet_moe.datasets.metadata import merge_metadata
 from nnunet_moe.datasets.evaluation import case_dice_from_nnunet_summary, per_source_dice
 from nnunet_moe.nnunet_paths import set_default_paths
 from nnunet_moe.stock_pipeline import ensure_plans, evaluate_folder, predict_folder, train_or_reuse, training_env
@@ -57,7 +62,8 @@ def runs(epochs: int = EPOCHS, iters: int = ITERS, batch: int = BATCH) -> list:
 
 
 def prepare_datasets(shared: str, log=print) -> dict:
-    """Raw BTCV, CHAOS and their merge (reused where they exist), planned for 2d: ``{id: raw folder}``."""
+    """Raw BTCV, CHAOS and their merge (reused where they exist), planned for 2d, BTCV and CHAOS split like
+    the merge (:func:`write_source_splits`): ``{id: raw folder}``."""
     from nnunet_moe.datasets.merge import merge_datasets
 
     folders = {BTCV_ID: write_shared_dataset(shared, "btcv", BTCV_ID, num_test=6, spacing=SPACING, log=log),
@@ -67,7 +73,64 @@ def prepare_datasets(shared: str, log=print) -> dict:
         MERGED_ID, [f"{BTCV_ID}:CT", f"{CHAOS_ID}:MR"], [], name=MERGED_NAME, log=log)
     for dataset_id, folder in folders.items():
         ensure_plans(dataset_id, os.path.basename(folder), "2d", log=log)
+    write_source_splits(folders, log=log)
     return folders
+
+
+def source_splits(merged_splits: list, meta: dict, source_dataset: str) -> list:
+    """The merged dataset's folds restricted to the cases of one source (``Dataset602_BTCV``), named as in that
+    source (the merge's ``d602_`` prefix removed, see ``datasets.merge``), in nnU-Net's ``splits_final.json`` format."""
+    keys = [k for k, s in meta["sources"].items() if s["dataset"] == source_dataset]
+    if len(keys) != 1:
+        raise ValueError(f"{source_dataset} is not a source of the merged dataset (its sources: "
+                         f"{', '.join(s['dataset'] for s in meta['sources'].values())}).")
+    own = {c: c[len(keys[0]) + 1:] for c, r in meta["cases"].items() if r["source"] == keys[0]}
+    return [{part: [own[c] for c in fold[part] if c in own] for part in ("train", "val")} for fold in merged_splits]
+
+
+def _fold_sets(splits: list) -> list:
+    return [{part: set(fold[part]) for part in ("train", "val")} for fold in splits]  # nnU-Net ignores the order
+
+
+def write_source_splits(folders: dict, log=print) -> None:
+    """BTCV's and CHAOS's ``splits_final.json`` in ``nnUNet_preprocessed``: the merged dataset's folds (its own
+    preprocessed ``splits_final.json``, which its training reads) without the source prefixes. nnU-Net's trainer
+    then uses them instead of its random split, so a source alone trains and validates on the cases the merged
+    models do. An existing identical file is kept; a different one (e.g. nnU-Net's random split from an earlier
+    run, with models trained on it) is refused, never overwritten."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    pre = os.environ["nnUNet_preprocessed"]
+    merged = os.path.join(pre, os.path.basename(folders[MERGED_ID]))
+    merged_file = os.path.join(merged, "splits_final.json")
+    with open(merged_file) as f:
+        merged_splits = json.load(f)
+    with open(os.path.join(merged, "dataset.json")) as f:
+        meta = merge_metadata(json.load(f), os.path.join(merged, "dataset.json"))
+    for dataset_id in (BTCV_ID, CHAOS_ID):
+        folder = folders[dataset_id]
+        name = os.path.basename(folder)
+        splits = source_splits(merged_splits, meta, name)
+        with open(os.path.join(folder, "dataset.json")) as f:
+            cases = set(get_filenames_of_train_images_and_targets(folder, json.load(f)))
+        if set().union(*(fold["val"] for fold in splits)) != cases:  # each case is validated in one fold
+            raise ValueError(f"The merged split {merged_file} does not cover exactly the training cases of {folder}: "
+                             f"the merge was made from other versions of the sources. Delete "
+                             f"{folders[MERGED_ID]} (and its nnUNet_preprocessed folder) and rerun to re-merge.")
+        target = os.path.join(pre, name, "splits_final.json")
+        if os.path.isfile(target):
+            with open(target) as f:
+                existing = json.load(f)
+            if _fold_sets(existing) != _fold_sets(splits):
+                raise FileExistsError(
+                    f"{target} holds another split than the merged dataset's folds ({merged_file} without the "
+                    f"source prefix), e.g. nnU-Net's random split from an earlier run, so {name} alone would not "
+                    f"train on the cases the merged models do. Delete it and the models trained with it (the "
+                    f"{name} folders under nnUNet_results*/) and rerun; it is then written from the merge.")
+            log(f"Reusing {target}: the merged dataset's folds")
+        else:
+            write_json_atomic(target, splits)
+            log(f"Wrote {target}: the merged dataset's folds of {name}")
 
 
 def source_scores(summary: dict, dataset_json: dict, source_of: dict) -> dict:
@@ -86,13 +149,14 @@ def source_scores(summary: dict, dataset_json: dict, source_of: dict) -> dict:
                                 "liver": per_label.get("liver")}}
 
 
-def _seconds_per_iteration(fold_dir: str, iters: int) -> float:
+def epoch_seconds(fold_dir: str) -> list:
+    """Each epoch's duration from nnU-Net's own log in ``checkpoint_final.pth`` (kept across ``--c``, so also
+    right for a reused or continued training); an epoch includes its validation iterations."""
     from nnunet_moe.pretrained.checkpoint_io import numpy_scalar_globals, read_checkpoint
 
     log = read_checkpoint(os.path.join(fold_dir, "checkpoint_final.pth"),
                           allowed_globals=numpy_scalar_globals())["logging"]
-    epochs = [float(e) - float(s) for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
-    return statistics.median(epochs) / iters
+    return [float(e) - float(s) for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
 
 
 def run_one(label, dataset_id, trainer, pretrain, folders, out, iters, device, log=print) -> dict:
@@ -105,11 +169,14 @@ def run_one(label, dataset_id, trainer, pretrain, folders, out, iters, device, l
     env = training_env(device, nnUNet_results=results, nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
     env.pop(WEIGHTS_ENV, None)
     t0 = time.time()
+    stage1_seconds = None
     if pretrain:
         stage1 = train_or_reuse(dataset_id, name, pretrain, "2d", 0, device, env=env, log=log)
         env[WEIGHTS_ENV] = os.path.join(stage1["output_folder"], WEIGHTS_NAME)
+        stage1_seconds = sum(epoch_seconds(stage1["output_folder"]))  # its compute belongs to this row
     trained = train_or_reuse(dataset_id, name, trainer, "2d", 0, device, env=env, log=log)
     train_seconds = time.time() - t0
+    epochs = epoch_seconds(trained["output_folder"])
     pred = os.path.join(trained["output_folder"], "heldout_predictions")
     if not os.path.isfile(os.path.join(pred, "summary.json")):
         tmp = pred + ".partial"
@@ -127,7 +194,8 @@ def run_one(label, dataset_id, trainer, pretrain, folders, out, iters, device, l
     source_of = {"self": kind.get(dataset_id), **{f"d{k:03d}": v for k, v in kind.items()}}
     return {"label": label, "dataset_id": dataset_id, "trainer": trainer, "mae": pretrain,
             "scores": source_scores(summary, dataset_json, source_of),
-            "seconds_per_iteration": _seconds_per_iteration(trained["output_folder"], iters),
+            "seconds_per_iteration": statistics.median(epochs) / iters,
+            "train_seconds": sum(epochs) + (stage1_seconds or 0.0), "stage1_train_seconds": stage1_seconds,
             "wall_seconds_this_call": train_seconds if trained["ran"] else None}
 
 
@@ -136,11 +204,22 @@ def markdown(rows: list) -> str:
         value = row["scores"].get(source, {}).get(key)
         return "-" if value is None else f"{value:.3f}"
 
-    head = ("| model | BTCV mean Dice (13) | BTCV liver | CHAOS mean Dice (4) | CHAOS liver | s / iteration |\n"
-            "|---|---:|---:|---:|---:|---:|")
+    def minutes(row):
+        stage1 = row.get("stage1_train_seconds")
+        return f"{row['train_seconds'] / 60:.1f}" + ("" if stage1 is None else f" ({stage1 / 60:.1f} + "
+                                                     f"{(row['train_seconds'] - stage1) / 60:.1f})¹")
+
+    head = ("| model | BTCV mean Dice (13) | BTCV liver | CHAOS mean Dice (4) | CHAOS liver | training time (min) | "
+            "s / iteration (epoch incl. validation)² |\n|---|---:|---:|---:|---:|---:|---:|")
     body = [f"| {r['label']} | {cell(r, 'btcv', 'mean')} | {cell(r, 'btcv', 'liver')} | {cell(r, 'chaos', 'mean')} | "
-            f"{cell(r, 'chaos', 'liver')} | {r['seconds_per_iteration']:.2f} |" for r in rows]
-    return "\n".join([head] + body)
+            f"{cell(r, 'chaos', 'liver')} | {minutes(r)} | {r['seconds_per_iteration']:.2f} |" for r in rows]
+    notes = ["", "Training time: the sum of the epochs nnU-Net logged in checkpoint_final.pth (without start-up "
+                 "and final validation)."]
+    if any(r.get("stage1_train_seconds") is not None for r in rows):
+        notes.append("¹ total (stage-1 MAE pretraining + stage-2 training): the whole compute of the row.")
+    notes.append("² median epoch time / training iterations (of stage 2 where there are two); an epoch also runs "
+                 "its validation iterations and saves a checkpoint, so this is more than one training iteration.")
+    return "\n".join([head] + body + notes)
 
 
 def main(argv=None) -> int:

@@ -4,9 +4,11 @@
 
 1. BTCV from ``../shared/data`` as an nnU-Net raw dataset (the first 18 cases train, the last 6 are held out);
 2. a CPU-sized plan, made by nnU-Net's own planner: ``nnUNetv2_plan_and_preprocess -c 3d_fullres
-   -overwrite_plans_name nnUNetPlansCPU -overwrite_target_spacing 2.5 2.5 2.5 -gpu_memory_target 1`` (coarser
-   voxels and the small patch a 1 GB memory target gives, so that a volume spans many patch-grid cells, as
-   the paper's volumes do: with K patches the ratio of local passes is at most cells / K);
+   -overwrite_plans_name nnUNetPlansCPU -overwrite_target_spacing 2.5 2.5 2.5 -gpu_memory_target 0.5`` (coarser
+   voxels and the small patch a 0.5 GB memory target gives, so that a volume spans many patch-grid cells, as
+   the paper's volumes do: with K patches the ratio of local passes is at most cells / K). On the 18 BTCV
+   training cases this plans a 64 x 48 x 48 patch, batch 2, and 60 / 125 / 210 cells (min / median / max;
+   a 1 GB target: 80 x 56 x 64 and 27 / 64 / 100 cells, too few for K=30 to pay off);
 3. ``nnUNetTrainerNMSW`` and stock ``nnUNetTrainer`` trained on fold 0 of those plans for the same budget
    (``_<E>epochs_<I>iters``, default 50 x 20 = 1000 iterations);
 4. ``nnunet-moe benchmark`` on the held-out cases: NMSW at K=5 and at K=30, the same trained NMSW local
@@ -33,7 +35,7 @@ from nnunet_moe.nnunet_paths import set_default_paths
 from nnunet_moe.stock_pipeline import ensure_plans, train_or_reuse, training_env
 
 PLANS = "nnUNetPlansCPU"
-PLANNER_ARGS = ("-overwrite_target_spacing", "2.5", "2.5", "2.5", "-gpu_memory_target", "1")
+PLANNER_ARGS = ("-overwrite_target_spacing", "2.5", "2.5", "2.5", "-gpu_memory_target", "0.5")
 BTCV_ID, DEMO_ID = 604, 605
 EPOCHS, ITERS = 50, 20
 KS = (5, 30)
@@ -54,23 +56,32 @@ def grid_cells(shape, patch, step_size: float = 0.5) -> int:
 
 
 def table(summaries: list, class_rows: list, cells: dict) -> str:
-    """Markdown: one row per (model, mode, K): mean Dice, the large organs, s / case, GFLOPs, peak MiB."""
-    def dice(model, mode, organ):
-        values = [r["dice"] for r in class_rows if r["model"] == model and r["mode"] == mode
-                  and r["class_name"] == organ and r["dice"] is not None]
+    """Markdown: one row per benchmark run (model, mode, K): mean Dice, the large organs, s / case (the whole
+    pipeline: reading, preprocessing, network, export) and the network's share of it, patches through the local
+    network, GFLOPs, peak MiB."""
+    def dice(run, organ):
+        values = [r["dice"] for r in class_rows if r["run"] == run and r["class_name"] == organ and r["dice"] is not None]
         return f"{values[0]:.3f}" if values else "-"
 
     organs = [o for o in LARGE_ORGANS if any(r["class_name"] == o for r in class_rows)]
-    head = ("| model | mode | mean Dice | " + " | ".join(organs) + " | s / case | GFLOPs / case | peak MiB |\n"
-            "|---|---|---:|" + "---:|" * len(organs) + "---:|---:|---:|")
+    head = ("| model | mode | mean Dice | " + " | ".join(organs) + " | s / case | network s / case | patches / case "
+            "| GFLOPs / case | peak MiB |\n|---|---|---:|" + "---:|" * len(organs) + "---:|---:|---:|---:|---:|")
     body = []
     for s in summaries:
         fmt = lambda v, d, scale=1.0: "n/a" if v is None else f"{v / scale:.{d}f}"  # noqa: E731
         body.append(f"| {s['label']} | {s['mode']} | {fmt(s['dice'], 3)} | "
-                    + " | ".join(dice(s["model"], s["mode"], o) for o in organs)
-                    + f" | {fmt(s['seconds_per_case'], 2)} | {fmt(s['flops'], 0, 1e9)} | {fmt(s['peak_memory_mb'], 0)} |")
+                    + " | ".join(dice(s["label"], o) for o in organs)
+                    + f" | {fmt(s['seconds_per_case'], 2)} | {fmt(s['network_seconds_per_case'], 2)}"
+                    + f" | {fmt(s['patches_per_case'], 1)} | {fmt(s['flops'], 0, 1e9)} | {fmt(s['peak_memory_mb'], 0)} |")
     listing = ", ".join(f"{case} {n}" for case, n in cells.items())
     return "\n".join([head] + body) + f"\n\nPatch-grid cells per held-out case: {listing}\n"
+
+
+def network_seconds(per_case: list) -> float | None:
+    """Mean seconds of the network stage alone (the benchmark's per-case ``stage_seconds``): reading, resampling
+    and export cost the same in every mode and would hide the ratio of the networks' work."""
+    values = [c["stage_seconds"]["network"] for c in per_case if c.get("stage_seconds")]
+    return sum(values) / len(values) if values else None
 
 
 def _finished(run_out: str) -> tuple:
@@ -134,8 +145,9 @@ def main(argv=None) -> int:
             result = benchmark(str(dataset_id), "3d_fullres", tr, 0, out=run_out, modes=modes, nmsw_k=k,
                                resume=os.path.isfile(run), **common)
             rows, per_case = result.rows, result.per_case
-        summaries += [{**s, "label": label, "k": k} for s in summary_rows(rows)]
-        class_rows += [dict(r, label=label) for r in rows]
+        summaries += [{**s, "label": label, "k": k, "network_seconds_per_case": network_seconds(per_case)}
+                      for s in summary_rows(rows)]
+        class_rows += [dict(r, run=label) for r in rows]  # "label" stays the class label
     with open(plans_file) as f:
         patch = json.load(f)["configurations"]["3d_fullres"]["patch_size"]
     pre = os.path.join(os.environ["nnUNet_preprocessed"], name, f"{PLANS}_3d_fullres")
