@@ -24,8 +24,9 @@ def fake_nnunet(monkeypatch):
             assert "nnUNet_n_proc_DA" not in env  # 0 breaks nnU-Net 2.8.1's planning
             pre = os.path.join(os.environ["nnUNet_preprocessed"], "Dataset501_Hippocampus")
             os.makedirs(os.path.join(pre, "nnUNetPlans_3d_fullres"), exist_ok=True)
+            open(os.path.join(pre, "nnUNetPlans_3d_fullres", "hippocampus_001.pkl"), "w").close()  # a case's last file
             json.dump({}, open(os.path.join(pre, "nnUNetPlans.json"), "w"))
-            json.dump({"labels": {"background": 0, "Anterior": 1, "Posterior": 2}},
+            json.dump({"labels": {"background": 0, "Anterior": 1, "Posterior": 2}, "numTraining": 1},
                       open(os.path.join(pre, "dataset.json"), "w"))
         elif name == "nnUNetv2_train":
             assert env["nnUNet_compile"] == "f"
