@@ -71,6 +71,20 @@ def trained_folder(dataset_name: str, trainer: str, configuration: str, fold: in
     return os.path.join(results, dataset_name, f"{trainer}__{plans}__{configuration}", f"fold_{fold}")
 
 
+def training_log(fold_dir: str) -> dict:
+    """nnU-Net's own training log (``logging``: epoch timestamps, learning rates, pseudo Dice) of a finished
+    training, from its ``checkpoint_final.pth`` (kept across ``--c``, so right for a reused or continued run)."""
+    from nnunet_moe.pretrained.checkpoint_io import numpy_scalar_globals, read_checkpoint
+
+    return read_checkpoint(os.path.join(fold_dir, "checkpoint_final.pth"),
+                           allowed_globals=numpy_scalar_globals())["logging"]
+
+
+def epoch_seconds(log: dict) -> list:
+    """Each epoch's duration in a :func:`training_log`; an epoch includes its validation iterations."""
+    return [float(e) - float(s) for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
+
+
 def train_or_reuse(dataset_id: int, dataset_name: str, trainer: str, configuration: str, fold: int, device: str,
                    env: dict | None = None, log=print, plans: str = "nnUNetPlans") -> dict:
     """Stock ``nnUNetv2_train`` with ``env`` (None: :func:`training_env`): reuse a finished run, continue an

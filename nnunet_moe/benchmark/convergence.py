@@ -38,7 +38,8 @@ import time
 from nnunet_moe.benchmark.journal import write_json_atomic
 from nnunet_moe.demo_dataset import DEFAULT_DATASET_ID, DEFAULT_DATASET_NAME, write_demo_dataset
 from nnunet_moe.nnunet_paths import set_default_paths
-from nnunet_moe.stock_pipeline import ensure_plans, evaluate_folder, predict_folder, train_or_reuse, training_env
+from nnunet_moe.stock_pipeline import (ensure_plans, epoch_seconds, evaluate_folder, predict_folder, train_or_reuse,
+                                       training_env, training_log)
 from nnunet_moe.trainer_names import format_lr, parse_short_name
 
 EPOCHS, ITERS = 10, 30  # 300 training iterations, nnU-Net's validation and checkpoint after each epoch
@@ -67,25 +68,17 @@ def run_names(runs=DEFAULT_RUNS, epochs: int = EPOCHS, iters: int = ITERS) -> li
     return out
 
 
-def _read_log(fold_dir: str) -> dict:
-    from nnunet_moe.pretrained.checkpoint_io import numpy_scalar_globals, read_checkpoint
-
-    ckpt = read_checkpoint(os.path.join(fold_dir, "checkpoint_final.pth"), allowed_globals=numpy_scalar_globals())
-    return ckpt["logging"]
-
-
 def summarise_run(fold_dir: str, trainer: str, heldout: dict) -> dict:
     """One table row from a finished fold folder and its held-out evaluation."""
-    log = _read_log(fold_dir)
+    log = training_log(fold_dir)
     iters = parse_short_name(trainer).iters
-    epoch_s = [float(e) - float(s) for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
     with open(os.path.join(fold_dir, "validation", "summary.json")) as f:
         fold0 = json.load(f)["foreground_mean"]["Dice"]
     return {
         "fold0_dice": float(fold0),
         "heldout_dice": float(heldout["foreground_mean"]["Dice"]),
         "heldout_per_class": {k: float(v["Dice"]) for k, v in heldout["mean"].items()},
-        "seconds_per_iteration": statistics.median(epoch_s) / iters,
+        "seconds_per_iteration": statistics.median(epoch_seconds(log)) / iters,
         "max_lr": max(float(x) for x in log["lrs"]),
         "pseudo_dice_per_epoch": [float(x) for x in log["mean_fg_dice"]],
         "iterations_per_epoch": iters,

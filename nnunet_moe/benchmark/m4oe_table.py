@@ -40,7 +40,8 @@ from nnunet_moe.benchmark.shared_data import find_shared_data, write_shared_data
 from nnunet_moe.datasets.metadata import merge_metadata
 from nnunet_moe.datasets.evaluation import case_dice_from_nnunet_summary, per_source_dice
 from nnunet_moe.nnunet_paths import set_default_paths
-from nnunet_moe.stock_pipeline import ensure_plans, evaluate_folder, predict_folder, train_or_reuse, training_env
+from nnunet_moe.stock_pipeline import (ensure_plans, epoch_seconds, evaluate_folder, predict_folder, train_or_reuse,
+                                       training_env, training_log)
 
 SPACING = (2.0, 2.0, None)  # mm, x y z; z kept (2d): about 1/2 of BTCV's and 2/3 of CHAOS's in-plane resolution
 BTCV_ID, CHAOS_ID, MERGED_ID = 602, 603, 611
@@ -149,16 +150,6 @@ def source_scores(summary: dict, dataset_json: dict, source_of: dict) -> dict:
                                 "liver": per_label.get("liver")}}
 
 
-def epoch_seconds(fold_dir: str) -> list:
-    """Each epoch's duration from nnU-Net's own log in ``checkpoint_final.pth`` (kept across ``--c``, so also
-    right for a reused or continued training); an epoch includes its validation iterations."""
-    from nnunet_moe.pretrained.checkpoint_io import numpy_scalar_globals, read_checkpoint
-
-    log = read_checkpoint(os.path.join(fold_dir, "checkpoint_final.pth"),
-                          allowed_globals=numpy_scalar_globals())["logging"]
-    return [float(e) - float(s) for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
-
-
 def run_one(label, dataset_id, trainer, pretrain, folders, out, iters, device, log=print) -> dict:
     """Train (MAE first where asked), predict the held-out cases, score them: one table row."""
     from nnunet_moe.pretrained.m4oe_mae_weights import WEIGHTS_ENV, WEIGHTS_NAME
@@ -173,10 +164,10 @@ def run_one(label, dataset_id, trainer, pretrain, folders, out, iters, device, l
     if pretrain:
         stage1 = train_or_reuse(dataset_id, name, pretrain, "2d", 0, device, env=env, log=log)
         env[WEIGHTS_ENV] = os.path.join(stage1["output_folder"], WEIGHTS_NAME)
-        stage1_seconds = sum(epoch_seconds(stage1["output_folder"]))  # its compute belongs to this row
+        stage1_seconds = sum(epoch_seconds(training_log(stage1["output_folder"])))  # its compute belongs to this row
     trained = train_or_reuse(dataset_id, name, trainer, "2d", 0, device, env=env, log=log)
     train_seconds = time.time() - t0
-    epochs = epoch_seconds(trained["output_folder"])
+    epochs = epoch_seconds(training_log(trained["output_folder"]))
     pred = os.path.join(trained["output_folder"], "heldout_predictions")
     if not os.path.isfile(os.path.join(pred, "summary.json")):
         tmp = pred + ".partial"
