@@ -58,6 +58,10 @@ STAND_INS = {
     "nnUNetTrainerM4oESelectSmall": "nnUNetTrainerM4oE",
     # the same NMSW network code and loss; its local network is nnUNetTrainerSwinSMTSmall's (learning-tested)
     "nnUNetTrainerNMSWSwinSMT": "nnUNetTrainerNMSW",
+    # one NMSW option each (objectness head, straight-through, detached global logits): the NMSW networks and loss
+    "nnUNetTrainerNMSWLogitsObjectness": "nnUNetTrainerNMSW",
+    "nnUNetTrainerNMSWScaledST": "nnUNetTrainerNMSW",
+    "nnUNetTrainerNMSWDetachGlobal": "nnUNetTrainerNMSW",
 }
 
 # Trainers that do not segment (class attribute ``learning_check = "reconstruction"``, e.g. MAE pretraining):

@@ -30,6 +30,37 @@ def test_table_takes_each_runs_own_organ_dice():
     assert nmsw_trained.network_seconds([{"stage_seconds": {"network": 1.0}}, {"stage_seconds": {"network": 3.0}}]) == 2.0
 
 
+def test_option_variants_train_with_the_same_budget_and_run_at_every_k():
+    names = nmsw_trained.trainers(20, 20, ["nnUNetTrainerNMSWScaledST"])
+    assert names == {"nmsw": "nnUNetTrainerNMSW_20epochs_20iters_lr1en3",
+                     "nnunet": "nnUNetTrainerAdam1en3_20epochs_20iters",
+                     "nnUNetTrainerNMSWScaledST": "nnUNetTrainerNMSWScaledST_20epochs_20iters_lr1en3"}
+    runs = nmsw_trained.benchmark_runs(names, [5, 30], ["nnUNetTrainerNMSWScaledST"])
+    assert [(label, mode, k) for label, _, mode, k in runs] == [
+        ("NMSW K=5", "nmsw", 5), ("NMSW K=30", "nmsw", 30), ("NMSW local net, sliding window", "sliding_window", None),
+        ("nnU-Net U-Net", "sliding_window", None), ("NMSWScaledST K=5", "nmsw", 5), ("NMSWScaledST K=30", "nmsw", 30)]
+    assert runs[-1][1] == names["nnUNetTrainerNMSWScaledST"] and runs[2][1] == names["nmsw"]
+    assert nmsw_trained.check_variants(["nnUNetTrainerNMSWDetachGlobal"] * 2) == ["nnUNetTrainerNMSWDetachGlobal"]
+    for wrong in ("nnUNetTrainerNMSW", "nnUNetTrainerSwinSMT", "ScaledST"):  # the default itself, not NMSW, a typo
+        with pytest.raises(SystemExit, match=f"--variants {wrong}: not an NMSW variant of ours; use any of "
+                                             "nnUNetTrainerNMSWSwinSMT, nnUNetTrainerNMSWLogitsObjectness"):
+            nmsw_trained.check_variants([wrong])
+
+
+def test_each_option_variant_sets_only_its_option():
+    from nnunet_moe.training import nmsw_trainer as t
+
+    options = ("objectness_from", "straight_through", "detach_global_in_aggregation")
+    default = {o: getattr(t.nnUNetTrainerNMSW, o) for o in options}
+    assert default == {"objectness_from": "auto", "straight_through": "standard", "detach_global_in_aggregation": False}
+    for cls, changed in ((t.nnUNetTrainerNMSWLogitsObjectness, {"objectness_from": "logits"}),
+                         (t.nnUNetTrainerNMSWScaledST, {"straight_through": "scaled"}),
+                         (t.nnUNetTrainerNMSWDetachGlobal, {"detach_global_in_aggregation": True})):
+        assert {o: getattr(cls, o) for o in options} == {**default, **changed}
+        assert set(vars(cls)) - {"__module__", "__doc__", "paper", "__qualname__", "__firstlineno__",
+                                 "__static_attributes__"} == set(changed)
+
+
 @pytest.mark.e2e
 def test_trained_comparison_on_the_bundled_data(tmp_path, monkeypatch):
     """Plan (named plans), train NMSW and nnU-Net for the same budget, benchmark K=1, K=3, NMSW's local

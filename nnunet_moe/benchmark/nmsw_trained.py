@@ -18,6 +18,11 @@
    network under nnU-Net's sliding window, and the stock nnU-Net U-Net under the sliding window. Dice per
    organ and mean, seconds per case, FLOPs, peak memory, and the patch-grid cells of each case.
 
+``--variants nnUNetTrainerNMSWLogitsObjectness nnUNetTrainerNMSWScaledST nnUNetTrainerNMSWDetachGlobal`` also
+trains each NMSW option variant (objectness from the global logits, the paper's scaled straight-through, the
+authors' detached global logits in the aggregation) for the same budget and runs it at each K: the comparison of
+the options on trained weights (about 1 h of training per variant on this CPU).
+
 The goals the table is read against (issue of record): K=30 within 1 Dice point of the sliding window over
 the same weights at >= 2.5x less time; K=5 >= 5x less time, its Dice loss reported. ``--demo`` runs the same
 steps on the bundled hippocampus data (one-cell grids: only the mechanics, for tests).
@@ -45,9 +50,35 @@ KS = (5, 30)
 LARGE_ORGANS = ("liver", "spleen", "right kidney", "left kidney", "stomach")
 
 
-def trainers(epochs: int, iters: int) -> dict:
+def trainers(epochs: int, iters: int, variants=()) -> dict:
+    """Role -> trainer name with the budget: "nmsw", "nnunet", and one entry per NMSW option variant (its class name)."""
     budget = f"_{epochs}epochs_{iters}iters"
-    return {"nmsw": "nnUNetTrainerNMSW" + budget + "_lr1en3", "nnunet": "nnUNetTrainerAdam1en3" + budget}
+    names = {"nmsw": "nnUNetTrainerNMSW" + budget + "_lr1en3", "nnunet": "nnUNetTrainerAdam1en3" + budget}
+    names.update({variant: variant + budget + "_lr1en3" for variant in variants})
+    return names
+
+
+def check_variants(variants) -> list:
+    """The NMSW option variants asked for, each one of our NMSW trainers other than the default; ``SystemExit``
+    naming the value and the allowed names otherwise."""
+    from nnunet_moe.training.catalog import trainer_names
+
+    allowed = [n for n in trainer_names() if n.startswith("nnUNetTrainerNMSW") and n != "nnUNetTrainerNMSW"]
+    wrong = [v for v in variants if v not in allowed]
+    if wrong:
+        raise SystemExit(f"nmsw_trained: --variants {' '.join(wrong)}: not an NMSW variant of ours; "
+                         f"use any of {', '.join(allowed)}")
+    return list(dict.fromkeys(variants))
+
+
+def benchmark_runs(names: dict, ks, variants=()) -> list:
+    """(label, trainer, mode, K) of every benchmark run: NMSW at each K, its local network under the sliding
+    window, nnU-Net's U-Net, then each variant at each K."""
+    runs = [("NMSW K=%d" % k, names["nmsw"], "nmsw", k) for k in ks]
+    runs += [("NMSW local net, sliding window", names["nmsw"], "sliding_window", None),
+             ("nnU-Net U-Net", names["nnunet"], "sliding_window", None)]
+    runs += [("%s K=%d" % (v.replace("nnUNetTrainer", ""), k), names[v], "nmsw", k) for v in variants for k in ks]
+    return runs
 
 
 def grid_cells(shape, patch, step_size: float = 0.5) -> int:
@@ -113,8 +144,11 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--iters", type=int, default=ITERS)
     parser.add_argument("--k", type=int, nargs="+", default=list(KS), help="NMSW patches per volume (default 5 30)")
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help="NMSW option variants also trained and run at each K (e.g. nnUNetTrainerNMSWScaledST)")
     parser.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
+    variants = check_variants(args.variants)
     out = os.path.abspath(args.out)
     set_default_paths(out)
     if args.demo:
@@ -131,21 +165,18 @@ def main(argv=None) -> int:
     name = os.path.basename(folder)
     plans_file = ensure_plans(dataset_id, name, "3d_fullres", plans=PLANS, planner_args=planner_args)
     env = training_env(args.device, nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
-    names = trainers(args.epochs, args.iters)
+    names = trainers(args.epochs, args.iters, variants)
     for trainer in names.values():
         train_or_reuse(dataset_id, name, trainer, "3d_fullres", 0, args.device, env=env, plans=PLANS)
     common = dict(images=os.path.join(folder, "imagesTs"), labels=os.path.join(folder, "labelsTs"), plans=PLANS,
                   device=args.device, tta=False, progress=False)
-    runs = [("NMSW K=%d" % k, [names["nmsw"]], ["nmsw"], k) for k in args.k]
-    runs += [("NMSW local net, sliding window", [names["nmsw"]], ["sliding_window"], None),
-             ("nnU-Net U-Net", [names["nnunet"]], ["sliding_window"], None)]
     summaries, class_rows = [], []
-    for label, tr, modes, k in runs:
+    for label, trainer, mode, k in benchmark_runs(names, args.k, variants):
         run_out = os.path.join(out, "benchmark", label.replace(" ", "_").replace("=", "").replace(",", ""))
         rows, per_case = _finished(run_out)
         if rows is None:  # not run yet, or interrupted: the benchmark's journal continues it
             run = os.path.join(run_out, RUN_FILE)
-            result = benchmark(str(dataset_id), "3d_fullres", tr, 0, out=run_out, modes=modes, nmsw_k=k,
+            result = benchmark(str(dataset_id), "3d_fullres", [trainer], 0, out=run_out, modes=[mode], nmsw_k=k,
                                resume=os.path.isfile(run), **common)
             rows, per_case = result.rows, result.per_case
         summaries += [{**s, "label": label, "k": k, "network_seconds_per_case": network_seconds(per_case)}

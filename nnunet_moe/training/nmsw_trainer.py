@@ -441,3 +441,26 @@ class nnUNetTrainerNMSWSwinSMT(nnUNetTrainerNMSW):
 
     paper = "NMSW (Jeon et al.) with a Swin SMT local network (CPU-sized: feature size 24, 8 experts)"
     local_backbone = "nnUNetTrainerSwinSMTSmall"
+
+
+# One variant per NMSW option where the paper, the authors' code and ours differ, so that each can be trained with
+# the stock nnUNetv2_train and compared on the same data (``nmsw_trained --variants``). Class attributes only.
+class nnUNetTrainerNMSWLogitsObjectness(nnUNetTrainerNMSW):
+    """Objectness from a head on the global network's softmax (ours before the paper's penultimate features)."""
+
+    paper = "NMSW (Jeon et al.), objectness from the global logits instead of its features (option comparison)"
+    objectness_from = "logits"
+
+
+class nnUNetTrainerNMSWScaledST(nnUNetTrainerNMSW):
+    """The paper's straight-through estimator: the selected patch scaled by its soft weight (``hard * soft``)."""
+
+    paper = "NMSW (Jeon et al.), straight-through scaled by the soft selection weight, as the paper (option comparison)"
+    straight_through = "scaled"
+
+
+class nnUNetTrainerNMSWDetachGlobal(nnUNetTrainerNMSW):
+    """The authors' code: the aggregation blends detached global logits (no gradient to the global net from it)."""
+
+    paper = "NMSW (Jeon et al.), detached global logits in the aggregation, as the authors' code (option comparison)"
+    detach_global_in_aggregation = True
