@@ -110,18 +110,26 @@ def train_killed_then_resumed(nnunet_env: dict, trainer: str, configuration: str
     try:
         deadline = time.time() + 1200
         while not os.path.isfile(latest) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        size = -1
-        while proc.poll() is None and os.path.isfile(latest) and os.path.getsize(latest) != size:
-            size = os.path.getsize(latest)  # torch.save still writing: wait until the size is stable
-            time.sleep(0.5)
+            time.sleep(0.05)
         assert proc.poll() is None, f"{trainer} ended (code {proc.returncode}) before it could be interrupted"
+        # Stop the trainer as soon as its first checkpoint appears, then let it finish writing in short slices
+        # until the file reads back whole: a fast epoch can never overwrite it with the next one (a wait on a
+        # stable file size could, and did for M4oE Small's 3-iteration epochs).
+        os.killpg(proc.pid, signal.SIGSTOP)
+        at_kill = None
+        while at_kill is None and time.time() < deadline:
+            try:
+                at_kill = torch.load(latest, map_location="cpu", weights_only=False)
+            except Exception:  # still being written (a torch zip without its end record)
+                os.killpg(proc.pid, signal.SIGCONT)
+                time.sleep(0.05)
+                os.killpg(proc.pid, signal.SIGSTOP)
+        assert at_kill is not None, f"{latest} never became readable"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth"))
-    at_kill = torch.load(latest, map_location="cpu", weights_only=False)
     resumed = run(cmd + ["--c"], env=env)
     final = torch.load(os.path.join(fold_dir, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     return {"fold_dir": fold_dir, "at_kill": at_kill, "final": final, "resumed_log": resumed.stdout}
