@@ -199,3 +199,26 @@ def test_training_time_sums_the_epochs_and_adds_stage_1(tmp_path, monkeypatch):
     assert table[2].split(" | ")[5] == "1.5"
     assert table[3].split(" | ")[5] == "3.5 (2.0 + 1.5)¹"
     assert any(line.startswith("¹") and "MAE" in line for line in table[4:])
+
+
+def _row(label, trainer, dice):
+    return {"label": label, "trainer": trainer, "scores": {"btcv": {"mean": dice}}}
+
+
+def test_rows_of_an_earlier_invocation_stay_and_a_measured_again_row_replaces_its_own():
+    (first, _, t1, _), (second, _, t2, _), (third, _, t3, _) = m4oe_table.runs()[:3]
+    earlier = [_row(third, t3, 0.3), _row(first, t1, 0.1)]
+    merged = m4oe_table.merge_rows(earlier, _row(second, t2, 0.2))
+    assert [r["label"] for r in merged] == [first, second, third]  # run order, whatever the file's
+    again = m4oe_table.merge_rows(merged, _row(first, t1, 0.5))
+    assert [r["scores"]["btcv"]["mean"] for r in again] == [0.5, 0.2, 0.3]
+
+
+def test_a_row_file_of_another_budget_is_refused(tmp_path):
+    path = str(tmp_path / "m4oe_table.json")
+    label, _, trainer, _ = m4oe_table.runs()[0]
+    _write_json(path, [_row(label, trainer, 0.1)])
+    assert m4oe_table.read_rows(path, m4oe_table.runs())[0]["label"] == label
+    with pytest.raises(SystemExit, match="another budget"):
+        m4oe_table.read_rows(path, m4oe_table.runs(3, 10))
+    assert m4oe_table.read_rows(str(tmp_path / "none.json"), m4oe_table.runs()) == []

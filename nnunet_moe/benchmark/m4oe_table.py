@@ -26,7 +26,8 @@ adds its stage-1 pretraining) and seconds per iteration (median epoch time, whic
 validation iterations, / training iterations).
 
 Interrupt at any time: finished steps are reused (``stock_pipeline``), an interrupted training continues
-with ``--c``; ``m4oe_table.json`` is rewritten after every run.
+with ``--c``; every finished row is merged into ``m4oe_table.json`` by its label (a row of an earlier
+``--only`` invocation stays, the same label measured again replaces it) and the table lists the file's rows.
 """
 from __future__ import annotations
 
@@ -195,6 +196,32 @@ def run_one(label, dataset_id, trainer, pretrain, folders, out, iters, device, l
             "wall_seconds_this_call": train_seconds if trained["ran"] else None}
 
 
+def merge_rows(previous: list, row: dict) -> list:
+    """``previous`` with ``row`` in place of the row of the same label (or added), in ``runs()`` order."""
+    order = {label: i for i, (label, *_rest) in enumerate(runs())}
+    by_label = {r["label"]: r for r in previous}
+    by_label[row["label"]] = row
+    return sorted(by_label.values(), key=lambda r: order.get(r["label"], len(order)))
+
+
+def read_rows(path: str, planned: list) -> list:
+    """The rows of an ``m4oe_table.json`` (empty if there is none yet), each of the budget of ``planned`` (the
+    ``runs()`` of this invocation): one table never mixes budgets."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = json.load(f)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"label", "trainer"} <= set(r) for r in rows):
+        raise SystemExit(f"{path}: not an m4oe_table row file (a JSON list of rows with label and trainer, as this "
+                         "command writes); move it away or use another --out")
+    trainer_of = {label: trainer for label, _id, trainer, _pretrain in planned}
+    for r in rows:
+        if trainer_of.get(r["label"]) != r["trainer"]:
+            raise SystemExit(f"{path}: row {r['label']!r} was trained as {r['trainer']}, this invocation trains "
+                             f"{trainer_of.get(r['label'])}: another budget; use another --out for it")
+    return rows
+
+
 def markdown(rows: list) -> str:
     def cell(row, source, key):
         value = row["scores"].get(source, {}).get(key)
@@ -235,12 +262,14 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.out)
     set_default_paths(out)
     folders = prepare_datasets(shared)
-    rows = []
-    for label, dataset_id, trainer, pretrain in runs(args.epochs, args.iters):
+    table_file = os.path.join(out, "m4oe_table.json")
+    planned = runs(args.epochs, args.iters)
+    rows = read_rows(table_file, planned)
+    for label, dataset_id, trainer, pretrain in planned:
         if args.only and not any(s in label for s in args.only):
             continue
-        rows.append(run_one(label, dataset_id, trainer, pretrain, folders, out, args.iters, args.device))
-        write_json_atomic(os.path.join(out, "m4oe_table.json"), rows)
+        rows = merge_rows(rows, run_one(label, dataset_id, trainer, pretrain, folders, out, args.iters, args.device))
+        write_json_atomic(table_file, rows)
         print(markdown(rows), flush=True)
     with open(os.path.join(out, "m4oe_table.md"), "w") as f:
         f.write(markdown(rows) + "\n")
