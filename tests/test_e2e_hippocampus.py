@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from conftest import assert_same_geometry, nnunet_cmd, run, train_and_predict, train_killed_then_resumed
+from conftest import (SMALL_VAL_FOLD, assert_same_geometry, nnunet_cmd, run, train_and_predict,
+                      train_killed_then_resumed)
 from prediction_checks import assert_predictions_not_constant
 
 pytestmark = pytest.mark.e2e
@@ -41,12 +42,12 @@ def test_nnunet_network_through_short_schedule_reaches_dice(nnunet_env):
 
 
 def test_swin_smt_trains_resumes_after_kill_and_predicts(nnunet_env):
-    """Killed after its first checkpoint, ``--c`` resumes with the MoE state; then stock predict. Learning rate
-    1e-3 (``_lr1en3``; the paper's 1e-4 is for long runs), so 12 iterations move the output off one label;
-    the resumed process also recreates the ``_lr`` class by name."""
+    """Killed after its first checkpoint (on the one-case validation fold), ``--c`` resumes with the MoE state;
+    then stock predict. Learning rate 1e-3 (``_lr1en3``; the paper's 1e-4 is for long runs), so 12 iterations
+    move the output off one label; the resumed process also recreates the ``_lr`` class by name."""
     env, ds = nnunet_env["train_env"], nnunet_env["dataset"]
     trainer = "nnUNetTrainerSwinSMTSmall_3epochs_4iters_lr1en3"
-    res = train_killed_then_resumed(nnunet_env, trainer, "3d_fullres")
+    res = train_killed_then_resumed(nnunet_env, trainer, "3d_fullres", fold=SMALL_VAL_FOLD)
     saved, final, fold_dir = res["at_kill"], res["final"], res["fold_dir"]
     assert saved["current_epoch"] == 1
     moe_keys = [k for k in saved["network_weights"] if ".mlp.experts." in k]
@@ -59,7 +60,8 @@ def test_swin_smt_trains_resumes_after_kill_and_predicts(nnunet_env):
     assert os.path.isfile(os.path.join(fold_dir, "validation", "summary.json"))
 
     out = os.path.join(str(nnunet_env["root"]), "pred_swin_smt")
-    run([nnunet_cmd("nnUNetv2_predict"), "-i", ds.images_ts, "-o", out, "-d", "501", "-c", "3d_fullres", "-f", "0",
-         "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env=env)
+    run([nnunet_cmd("nnUNetv2_predict"), "-i", ds.images_ts, "-o", out, "-d", "501", "-c", "3d_fullres",
+         "-f", str(SMALL_VAL_FOLD), "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
+        env=env)
     assert_same_geometry(out, ds.images_ts, ds.test_cases)
     assert_predictions_not_constant(out, ds.test_cases)
