@@ -32,6 +32,9 @@ def training_env(device: str, **overrides) -> dict:
     env = dict(os.environ)
     if device == "cpu":
         env.setdefault("nnUNet_compile", "f")  # torch.compile costs minutes on CPU and gains nothing here
+        # nnU-Net's default of 8 export workers: each spawned worker imports torch and nnU-Net again (~10 s of CPU),
+        # which on a small CPU machine costs more than the exports it overlaps while the network holds the cores
+        env.setdefault("nnUNet_def_n_proc", "1")
     env.update(overrides)
     return env
 

@@ -80,8 +80,9 @@ def write_splits_with_small_fold(preprocessed: str) -> None:
 
 
 def train_and_predict(nnunet_env: dict, trainer: str, configuration: str = "3d_fullres", fold: int = 0,
-                      extra_train_args: tuple = ()) -> dict:
-    """Stock ``nnUNetv2_train`` then ``nnUNetv2_predict`` on the 10 held-out cases, then nnU-Net's evaluation.
+                      extra_train_args: tuple = (), tta: bool = True) -> dict:
+    """Stock ``nnUNetv2_train`` then ``nnUNetv2_predict`` on the 10 held-out cases (``tta=False``:
+    ``--disable_tta``), then nnU-Net's evaluation.
 
     Returns the paths and nnU-Net's evaluation summary (per-class and mean Dice).
     """
@@ -93,12 +94,25 @@ def train_and_predict(nnunet_env: dict, trainer: str, configuration: str = "3d_f
     model_dir = os.path.join(env["nnUNet_results"], ds.name, f"{trainer}__nnUNetPlans__{configuration}")
     out = os.path.join(str(nnunet_env["root"]), f"pred_{trainer}_{configuration}")
     predict = run([nnunet_cmd("nnUNetv2_predict"), "-i", ds.images_ts, "-o", out, "-d", "501", "-c", configuration,
-                   "-f", str(fold), "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env=env)
+                   "-f", str(fold), "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"]
+                  + ([] if tta else ["--disable_tta"]), env=env)
     pre = os.path.join(env["nnUNet_preprocessed"], ds.name)
     summary = evaluate_folder(ds.labels_ts, out, os.path.join(pre, "nnUNetPlans.json"),
                               os.path.join(pre, "dataset.json"))
     return {"model_dir": model_dir, "pred_dir": out, "summary": summary, "train_log": train.stdout,
             "predict_log": predict.stdout}
+
+
+def held_out_images(nnunet_env: dict, name: str, count: int = 3) -> tuple:
+    """(a folder of links to the first ``count`` held-out images, their case ids): a predict test's input when
+    the whole held-out set would only repeat the same code path at minutes of CPU inference."""
+    ds = nnunet_env["dataset"]
+    cases = ds.test_cases[:count]
+    images = os.path.join(str(nnunet_env["root"]), f"images_{name}")
+    os.makedirs(images)
+    for case in cases:
+        os.symlink(os.path.join(ds.images_ts, f"{case}_0000.nii.gz"), os.path.join(images, f"{case}_0000.nii.gz"))
+    return images, cases
 
 
 def assert_same_geometry(pred_dir: str, images_dir: str, cases: list) -> None:

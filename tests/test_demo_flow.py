@@ -84,3 +84,13 @@ def test_held_out_prediction_without_mirroring_unless_asked(fake_nnunet, tmp_pat
     predicts = [c for c in fake_nnunet if os.path.basename(c[0]) == "nnUNetv2_predict"]
     assert [("--disable_tta" in c) for c in predicts] == [True, False]
     assert demo.DEFAULT_TRAINER.startswith("nnUNetTrainerSwinSMTSmall_")  # the demo shows one of ours
+
+
+def test_cpu_training_starts_one_export_worker_unless_the_user_chose(monkeypatch):
+    """nnU-Net spawns 8 export workers by default, each importing torch and nnU-Net again: on CPU the training
+    environment asks for one; a user's own nnUNet_def_n_proc, and GPU runs, keep nnU-Net's behaviour."""
+    monkeypatch.delenv("nnUNet_def_n_proc", raising=False)
+    assert stock_pipeline.training_env("cpu")["nnUNet_def_n_proc"] == "1"
+    assert "nnUNet_def_n_proc" not in stock_pipeline.training_env("cuda")
+    monkeypatch.setenv("nnUNet_def_n_proc", "4")
+    assert stock_pipeline.training_env("cpu")["nnUNet_def_n_proc"] == "4"

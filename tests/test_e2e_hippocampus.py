@@ -1,8 +1,9 @@
 """End to end with the stock nnU-Net commands on real MRI (the bundled hippocampus subset).
 
 One session fixture (conftest.nnunet_env) runs the stock plan/preprocess; each test here
-runs stock ``nnUNetv2_train`` with a short-schedule trainer name, the stock
-``nnUNetv2_predict`` on the 10 held-out cases, and nnU-Net's own evaluation.
+runs stock ``nnUNetv2_train`` with a short-schedule trainer name on the one-case validation fold
+``SMALL_VAL_FOLD``, the stock ``nnUNetv2_predict`` (without test-time mirroring) on held-out cases, and
+nnU-Net's own evaluation.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import (SMALL_VAL_FOLD, assert_same_geometry, nnunet_cmd, run, train_and_predict,
+from conftest import (SMALL_VAL_FOLD, assert_same_geometry, held_out_images, nnunet_cmd, run, train_and_predict,
                       train_killed_then_resumed)
 from prediction_checks import assert_predictions_not_constant
 
@@ -30,12 +31,12 @@ DICE_MIN_NNUNET = 0.15
 
 
 def test_nnunet_network_through_short_schedule_reaches_dice(nnunet_env):
-    res = train_and_predict(nnunet_env, "nnUNetTrainerAdam1en3_3epochs_20iters")
+    res = train_and_predict(nnunet_env, "nnUNetTrainerAdam1en3_3epochs_20iters", fold=SMALL_VAL_FOLD, tta=False)
     ds = nnunet_env["dataset"]
     assert_same_geometry(res["pred_dir"], ds.images_ts, ds.test_cases)
     assert_predictions_not_constant(res["pred_dir"], ds.test_cases, per_case=True)  # Dice > 0.15: foreground in each
     assert "Using trainer 'nnUNetTrainerAdam1en3_3epochs_20iters'" in res["train_log"]
-    assert os.path.isfile(os.path.join(res["model_dir"], "fold_0", "checkpoint_final.pth"))
+    assert os.path.isfile(os.path.join(res["model_dir"], f"fold_{SMALL_VAL_FOLD}", "checkpoint_final.pth"))
     dice = res["summary"]["foreground_mean"]["Dice"]
     print(f"nnUNetTrainerAdam1en3_3epochs_20iters held-out mean Dice: {dice:.3f}")
     assert dice > DICE_MIN_NNUNET
@@ -59,9 +60,10 @@ def test_swin_smt_trains_resumes_after_kill_and_predicts(nnunet_env):
     assert any(not torch.equal(saved["network_weights"][k], final["network_weights"][k]) for k in moe_keys)
     assert os.path.isfile(os.path.join(fold_dir, "validation", "summary.json"))
 
+    images, cases = held_out_images(nnunet_env, "swin_smt")
     out = os.path.join(str(nnunet_env["root"]), "pred_swin_smt")
-    run([nnunet_cmd("nnUNetv2_predict"), "-i", ds.images_ts, "-o", out, "-d", "501", "-c", "3d_fullres",
+    run([nnunet_cmd("nnUNetv2_predict"), "-i", images, "-o", out, "-d", "501", "-c", "3d_fullres",
          "-f", str(SMALL_VAL_FOLD), "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
         env=env)
-    assert_same_geometry(out, ds.images_ts, ds.test_cases)
-    assert_predictions_not_constant(out, ds.test_cases)
+    assert_same_geometry(out, ds.images_ts, cases)
+    assert_predictions_not_constant(out, cases)

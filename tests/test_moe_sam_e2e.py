@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_same_geometry, nnunet_cmd, run, train_killed_then_resumed
+from conftest import assert_same_geometry, held_out_images, nnunet_cmd, run, train_killed_then_resumed
 
 pytestmark = pytest.mark.e2e
 
@@ -50,11 +50,7 @@ def test_moe_sam_trains_resumes_after_kill_validates_predicts(nnunet_env):
         dice = json.load(f)["foreground_mean"]["Dice"]
     assert dice > DICE_THRESHOLD, dice
 
-    cases = ds.test_cases[:3]
-    images = os.path.join(str(nnunet_env["root"]), "images_moe_sam")
-    os.makedirs(images)
-    for case in cases:
-        os.symlink(os.path.join(ds.images_ts, f"{case}_0000.nii.gz"), os.path.join(images, f"{case}_0000.nii.gz"))
+    images, cases = held_out_images(nnunet_env, "moe_sam")
     out = os.path.join(str(nnunet_env["root"]), "pred_moe_sam")
     run([nnunet_cmd("nnUNetv2_predict"), "-i", images, "-o", out, "-d", "501", "-c", "2d", "-f", "0",
          "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env=env)

@@ -21,7 +21,7 @@ import os
 import pytest
 import torch
 
-from conftest import SMALL_VAL_FOLD, assert_same_geometry, nnunet_cmd, run, train_killed_then_resumed
+from conftest import SMALL_VAL_FOLD, assert_same_geometry, held_out_images, nnunet_cmd, run, train_killed_then_resumed
 from prediction_checks import assert_predictions_not_constant
 
 pytestmark = pytest.mark.e2e
@@ -55,11 +55,7 @@ def test_swin_umamba_trains_resumes_after_kill_validates_predicts(nnunet_env, tr
         assert len(json.load(f)["metric_per_case"]) == 1  # the one-case fold: one mirrored final validation
 
     # Stock predict on 3 of the held-out cases (a folder of links to them)
-    cases = ds.test_cases[:3]
-    images = os.path.join(str(nnunet_env["root"]), f"images_{trainer}_{configuration}")
-    os.makedirs(images)
-    for case in cases:
-        os.symlink(os.path.join(ds.images_ts, f"{case}_0000.nii.gz"), os.path.join(images, f"{case}_0000.nii.gz"))
+    images, cases = held_out_images(nnunet_env, f"{trainer}_{configuration}")
     out = os.path.join(str(nnunet_env["root"]), f"pred_{trainer}_{configuration}")
     run([nnunet_cmd("nnUNetv2_predict"), "-i", images, "-o", out, "-d", "501", "-c", configuration,
          "-f", str(SMALL_VAL_FOLD), "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
