@@ -121,3 +121,12 @@ def test_plans_are_reused_only_when_every_case_was_preprocessed(tmp_path, monkey
     (pre / "nnUNetPlans_2d" / "c.pkl").write_text("")
     stock_pipeline.ensure_plans(501, "Dataset501_X", "2d", log=lambda *a: None)
     assert len(calls) == 1  # complete: reused
+
+
+def test_shipped_rows_are_runs_of_this_benchmark():
+    """Every row behind the README's table is one of the runs this command would train, so the
+    command reproduces the table (a row for a run dropped from ``DEFAULT_RUNS`` fails here)."""
+    shipped = os.path.join(os.path.dirname(convergence.__file__), "measured", "hippocampus_convergence.json")
+    names = set(convergence.run_names())
+    rows = convergence.read_measured(shipped).values()
+    assert rows and {(r["configuration"], r["trainer"]) for r in rows} <= names

@@ -50,6 +50,7 @@ DEFAULT_RUNS = (
     ("3d_fullres", "nnUNetTrainerAdam1en3", None, (None,)),
     ("3d_fullres", "nnUNetTrainerSwinSMTSmall", None, (None, 1e-3)),  # paper 1e-4
     ("3d_fullres", "nnUNetTrainerNMSW", None, (None, 1e-3)),  # paper 3e-4
+    ("3d_fullres", "nnUNetTrainerNMSWSwinSMT", None, (None, 1e-3)),  # NMSW's 3e-4; local net: Swin SMT Small
     ("3d_fullres", "nnUNetTrainerSwinUMambaDScratch", None, (None, 1e-3)),  # paper 1e-4
     ("2d", "nnUNetTrainerAdam1en3", 8, (None,)),
     ("2d", "nnUNetTrainerSwinUMambaScratch", 8, (None, 1e-3)),  # paper 1e-4
